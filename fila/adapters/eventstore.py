@@ -1,0 +1,53 @@
+"""The event store: one ``eventsourcing`` application on PostgreSQL (psycopg 3) or SQLite.
+
+Tables are created on start (idempotent). ``FILA_DATABASE_URL`` picks the backend:
+``postgresql://user:pass@host:port/db[?schema=NAME]`` or ``sqlite:///path/to/file.db``.
+``POSTGRES_ENABLE_DB_FUNCTIONS`` stays off: with it on, readers of the log skip events.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from eventsourcing.application import Application
+
+TRANSCODER_TOPIC = "fila.adapters.transcoder:MsgspecTranscoder"
+
+
+class FilaStore(Application):
+    """All of FILA's aggregates live in one application, so one log orders everything."""
+
+    name = "fila"
+
+
+def store_env(database_url: str) -> dict[str, str]:
+    parts = urlsplit(database_url)
+    env = {"TRANSCODER_TOPIC": TRANSCODER_TOPIC, "CREATE_TABLE": "y"}
+    if parts.scheme in ("postgresql", "postgres"):
+        query = parse_qs(parts.query)
+        env.update({
+            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "POSTGRES_DBNAME": parts.path.lstrip("/"),
+            "POSTGRES_HOST": parts.hostname or "127.0.0.1",
+            "POSTGRES_PORT": str(parts.port or 5432),
+            "POSTGRES_USER": unquote(parts.username or "postgres"),
+            "POSTGRES_PASSWORD": unquote(parts.password or ""),
+            "POSTGRES_POOL_SIZE": "4",
+            "POSTGRES_MAX_OVERFLOW": "4",
+            "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
+        })
+        if "schema" in query:
+            env["POSTGRES_SCHEMA"] = query["schema"][0]
+        return env
+    if parts.scheme == "sqlite":
+        path = Path(unquote(parts.path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        env.update({"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(path),
+                    "SQLITE_LOCK_TIMEOUT": "10"})
+        return env
+    raise ValueError(f"unsupported database URL {database_url!r}")
+
+
+def open_store(database_url: str) -> FilaStore:
+    return FilaStore(env=store_env(database_url))

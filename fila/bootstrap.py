@@ -1,0 +1,166 @@
+"""Builds everything once: logging, adapters, applications, projections -> a Container.
+
+Only this module sees every layer. ``create_app(build_container(settings))`` is the whole
+wiring; ``app_from_env`` is the factory uvicorn's workers call, one container per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+from datetime import UTC, datetime
+from typing import Any
+from uuid import uuid4
+
+import structlog
+
+from fila.adapters.batcher import Batcher
+from fila.adapters.breaker import BreakerSettings, Transition
+from fila.adapters.eventstore import FilaStore, open_store
+from fila.adapters.upstream import OpenAIUpstream
+from fila.config import ConfigError, Settings, load_settings
+from fila.domain.ledger import BreakerTransition
+from fila.domain.time import iso
+from fila.projections.registry import Registry
+from fila.services.gateway import Gateway
+from fila.services.keys import KeyService
+from fila.services.routing import Router
+
+log = structlog.get_logger("fila")
+
+
+def configure_logging(settings: Settings) -> None:
+    """structlog, once: JSON when not on a terminal, readable on one."""
+    use_json = settings.log_format == "json" or (settings.log_format == "auto" and not sys.stderr.isatty())
+    renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    level = getattr(logging, settings.log_level.upper())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+class Container:
+    """Every long-lived object of one FILA process, with its start and stop."""
+
+    def __init__(self, settings: Settings, store: FilaStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.process = f"{socket.gethostname()}:{os.getpid()}"
+        self.batcher = Batcher(store, max_size=settings.batch_max_size,
+                               max_wait=settings.batch_max_wait_ms / 1000)
+        self.registry = Registry(store.recorder)
+        self.keys = KeyService(self.batcher, self.registry)
+        api_key = settings.openai_api_key or "fila-fake-upstream"
+        self.primary = OpenAIUpstream("primary", settings.upstream_base_url, api_key,
+                                      timeout=settings.upstream_timeout_s,
+                                      connect_timeout=settings.upstream_connect_timeout_s)
+        self.fallback = None
+        if settings.fallback_base_url:
+            self.fallback = OpenAIUpstream("fallback", settings.fallback_base_url, api_key,
+                                           timeout=settings.upstream_timeout_s,
+                                           connect_timeout=settings.upstream_connect_timeout_s)
+        self.router = Router(self.primary, fallback=self.fallback, fallback_model=settings.fallback_model,
+                             settings=BreakerSettings(
+                                 failure_threshold=settings.breaker_failure_threshold,
+                                 error_rate_threshold=settings.breaker_error_rate,
+                                 window_seconds=settings.breaker_window_s,
+                                 min_calls_in_window=settings.breaker_min_calls,
+                                 open_seconds=settings.breaker_open_s),
+                             on_transition=self._breaker_transitioned)
+        self.gateway = Gateway(batcher=self.batcher, router=self.router)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.batcher.start()
+        await self.batcher.run(self.registry.catch_up)
+        self._stop = asyncio.Event()
+        self._tasks.append(asyncio.create_task(self.registry.follow(self.batcher.run, self._stop)))
+        log.info("started", process=self.process, database="postgres" if self.settings.is_postgres else "sqlite",
+                 upstream=self.settings.upstream_base_url or "https://api.openai.com/v1")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self.gateway.drain()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+        self._tasks.clear()
+        await self.primary.close()
+        if self.fallback is not None:
+            await self.fallback.close()
+        await asyncio.to_thread(self.batcher.close)
+
+    def http_routes(self) -> list:
+        return []
+
+    # -- services the HTTP layer calls ---------------------------------------------------------
+
+    async def issue_key(self, name: str, owner: str | None, plan: str | None) -> Any:
+        return await self.keys.create(name, owner)
+
+    async def models(self) -> list[dict[str, Any]]:
+        try:
+            return await asyncio.wait_for(self.primary.list_models(), timeout=2.0)
+        except Exception as error:  # the upstream is down: answer with what FILA itself serves
+            log.warning("models_fallback", error=type(error).__name__)
+            names = [self.settings.default_model] + ([self.settings.fallback_model]
+                                                      if self.settings.fallback_model else [])
+            return [{"id": name, "object": "model", "created": 0, "owned_by": "fila"} for name in names]
+
+    async def readiness(self) -> dict[str, dict[str, Any]]:
+        checks: dict[str, dict[str, Any]] = {}
+        try:
+            await asyncio.wait_for(self.batcher.run(self.store.recorder.max_notification_id), timeout=2.0)
+            checks["event_store"] = {"ok": True}
+        except Exception as error:  # readiness reports, it does not fail
+            checks["event_store"] = {"ok": False, "error": type(error).__name__}
+        breakers = {b.name: b.snapshot()["state"] for b in self.router.breakers.values()}
+        checks["upstream"] = {"ok": True, "breakers": breakers}
+        return checks
+
+    def _breaker_transitioned(self, transition: Transition) -> None:
+        log.warning("breaker_transition", breaker=transition.breaker, from_state=transition.from_state.value,
+                    to_state=transition.to_state.value, reason=transition.reason)
+        event = BreakerTransition(id=uuid4(), breaker=transition.breaker, from_state=transition.from_state.value,
+                                  to_state=transition.to_state.value, reason=transition.reason,
+                                  at=iso(datetime.now(UTC)), process=self.process)
+        try:
+            task = asyncio.get_running_loop().create_task(self.batcher.commit(event))
+        except RuntimeError:  # no loop (a sync caller): record it synchronously
+            self.store.save(event)
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def build_container(settings: Settings) -> Container:
+    if not settings.is_postgres and settings.workers > 1:
+        raise ConfigError("FILA_WORKERS > 1 needs PostgreSQL (FILA_DATABASE_URL=postgresql://...): "
+                          "SQLite serves a single process")
+    return Container(settings, open_store(settings.database_url))
+
+
+def app_from_env() -> Any:
+    """uvicorn factory: one container per worker process."""
+    from fila.http.app import create_app
+
+    settings = load_settings()
+    configure_logging(settings)
+    sys.setswitchinterval(0.001)
+    return create_app(build_container(settings))

@@ -1,0 +1,27 @@
+"""The Litestar app factory. Nothing is built at import time: ``create_app(container)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+
+from fila.http import admin_keys, ops, v1
+from fila.http.errors import EXCEPTION_HANDLERS
+
+
+def create_app(container: Any, *, extra_routes: list | None = None) -> Litestar:
+    routes = [*v1.ROUTES, *admin_keys.ROUTES, *ops.ROUTES, *container.http_routes(), *(extra_routes or [])]
+    app = Litestar(
+        route_handlers=routes,
+        exception_handlers=EXCEPTION_HANDLERS,
+        on_startup=[container.start],
+        on_shutdown=[container.stop],
+        request_max_body_size=container.settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="FILA", version="0.1.0", path="/schema"),
+        debug=False,
+        logging_config=None,
+    )
+    app.state.container = container
+    return app

@@ -1,0 +1,92 @@
+"""The OpenAI-compatible client API under /v1. Thin: decode, call one use case, encode."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import msgspec
+import structlog
+from litestar import Request, Response, get, post
+from litestar.response import Stream
+
+from fila.domain.errors import FilaError, InvalidRequest
+from fila.http.auth import client_key
+from fila.services.chat import parse_chat_request
+from fila.services.gateway import RequestContext, log_summary
+
+_encode = msgspec.json.Encoder().encode
+_CACHE_DIRECTIVES = {"refresh": "refresh", "bypass": "bypass", "no-cache": "refresh", "no-store": "bypass"}
+
+
+def _container(request: Request) -> Any:
+    return request.app.state.container
+
+
+def cache_directive(request: Request) -> str | None:
+    header = request.headers.get("x-fila-cache")
+    if header:
+        directive = _CACHE_DIRECTIVES.get(header.strip().lower())
+        if directive is None or header.strip().lower() not in ("refresh", "bypass"):
+            raise InvalidRequest("x-fila-cache must be 'refresh' or 'bypass'", param="x-fila-cache")
+        return directive
+    control = request.headers.get("cache-control")
+    if control:
+        tokens = {part.strip().lower() for part in control.split(",")}
+        if "no-store" in tokens:
+            return "bypass"
+        if "no-cache" in tokens:
+            return "refresh"
+    return None
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > 255:
+        raise InvalidRequest("Idempotency-Key must be 1 to 255 characters", param="Idempotency-Key")
+    return key
+
+
+@post("/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
+async def chat_completions(request: Request) -> Response:
+    container = _container(request)
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    key = client_key(request, container.registry)
+    ctx = RequestContext(key=key, request_id=request_id, idempotency_key=_idempotency_key(request),
+                         cache_directive=cache_directive(request))
+    structlog.contextvars.bind_contextvars(request_id=request_id, api_key_id=key.id)
+    status, streaming = 200, False
+    try:
+        parsed = parse_chat_request(await request.body(), container.settings.default_model)
+        if parsed.request.stream:
+            reply = await container.gateway.stream(ctx, parsed)
+            headers = dict(reply.headers, **{"x-request-id": request_id, "cache-control": "no-cache"})
+            streaming = True   # the stream logs its own summary line when it ends
+            return Stream(reply.frames, media_type="text/event-stream", headers=headers)
+        reply = await container.gateway.complete(ctx, parsed)
+        reply.headers["x-request-id"] = request_id
+        status = reply.status
+        return Response(reply.body, status_code=reply.status, media_type="application/json",
+                        headers=reply.headers)
+    except FilaError as error:
+        status = error.status
+        ctx.outcome = ctx.outcome or type(error).__name__
+        raise
+    finally:
+        if not streaming:
+            log_summary(ctx, status)
+        structlog.contextvars.clear_contextvars()
+
+
+@get("/v1/models", summary="List models (OpenAI-compatible)")
+async def list_models(request: Request) -> Response:
+    container = _container(request)
+    client_key(request, container.registry)
+    models = await container.models()
+    return Response(_encode({"object": "list", "data": models}), media_type="application/json")
+
+
+ROUTES = [chat_completions, list_models]

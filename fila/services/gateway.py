@@ -1,0 +1,353 @@
+"""The chat-completion use case: admit, answer (cache or upstream), record, and only then reply.
+
+Every request ends as exactly one ``LedgerEntry`` committed through the batcher before the
+client sees its answer (for a stream: before its final chunk). Refusals, upstream failures
+and client disconnects are recorded too. A request with an ``Idempotency-Key`` is recorded
+under ``uuid5(key, idempotency key)``; a retry finds that entry and gets the original answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+import msgspec
+import structlog
+from eventsourcing.persistence import IntegrityError
+
+from fila.domain import ledger
+from fila.domain.errors import (FilaError, Forbidden, RateLimited, UpstreamClientError, UpstreamError,
+                                UpstreamUnavailable)
+from fila.domain.ledger import LedgerEntry
+from fila.domain.time import iso
+from fila.projections.registry import KeyRecord
+from fila.services.chat import ParsedRequest, StreamAssembler, completion_as_chunks, estimate_prompt_tokens
+from fila.services.routing import Router
+
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+log = structlog.get_logger("fila.request")
+
+
+@dataclass(slots=True)
+class RequestContext:
+    key: KeyRecord
+    request_id: str
+    idempotency_key: str | None = None
+    cache_directive: str | None = None      # "refresh" | "bypass" | None
+    started: float = field(default_factory=time.perf_counter)
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # filled as the request goes, for the summary line
+    model: str | None = None
+    outcome: str | None = None
+    tokens: int = 0
+    cache: str = "none"
+    entry_id: str | None = None
+
+    def latency_us(self) -> int:
+        return int((time.perf_counter() - self.started) * 1_000_000)
+
+
+@dataclass(slots=True)
+class Reply:
+    body: bytes
+    headers: dict[str, str]
+    status: int = 200
+
+
+@dataclass(slots=True)
+class StreamReply:
+    frames: AsyncIterator[bytes]
+    headers: dict[str, str]
+
+
+@dataclass(slots=True)
+class Admitted:
+    """What the plan layer decided: the terms the request is billed under, and headers."""
+
+    plan_id: str | None = None
+    plan_version: int | None = None
+    assignment_id: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    settle: Callable[[int], Any] | None = None   # awaited with the request's total tokens
+
+
+class AllowAll:
+    """The admission used when no plan layer is wired: everyone in, nothing billed."""
+
+    async def admit(self, key: KeyRecord, request: ParsedRequest, now: datetime) -> Admitted:
+        return Admitted()
+
+
+def log_summary(ctx: RequestContext, status: int) -> None:
+    log.info("request", request_id=ctx.request_id, api_key_id=ctx.key.id, model=ctx.model,
+             outcome=ctx.outcome, status=status, tokens=ctx.tokens, cache=ctx.cache,
+             latency_ms=round((time.perf_counter() - ctx.started) * 1000, 2), entry_id=ctx.entry_id)
+
+
+class Gateway:
+    def __init__(self, *, batcher: Any, router: Router, admission: Any = None) -> None:
+        self.batcher = batcher
+        self.router = router
+        self.admission = admission or AllowAll()
+        self._inflight: dict[UUID, asyncio.Future] = {}
+        self._background: set[asyncio.Task] = set()
+
+    # -- recording -------------------------------------------------------------------------
+
+    def _entry(self, ctx: RequestContext, entry_id: UUID, admitted: Admitted | None, *, outcome: str,
+               status: int, model: str, **fields: Any) -> LedgerEntry:
+        ctx.outcome = outcome
+        ctx.entry_id = str(entry_id)
+        ctx.tokens = fields.get("total_tokens", 0)
+        if admitted is not None:
+            fields.setdefault("plan_id", admitted.plan_id)
+            fields.setdefault("plan_version", admitted.plan_version)
+            fields.setdefault("assignment_id", admitted.assignment_id)
+        return LedgerEntry(id=entry_id, api_key_id=ctx.key.id, at=iso(ctx.now), outcome=outcome, status=status,
+                           model=model, idempotency_key=ctx.idempotency_key, latency_us=ctx.latency_us(),
+                           **fields)
+
+    async def _record_failure(self, ctx: RequestContext, parsed: ParsedRequest, admitted: Admitted | None,
+                              error: FilaError, fingerprint: str) -> None:
+        if isinstance(error, UpstreamUnavailable):
+            outcome = ledger.BREAKER_OPEN
+        elif isinstance(error, UpstreamClientError):
+            outcome = ledger.UPSTREAM_REJECTED
+        else:
+            outcome = ledger.UPSTREAM_ERROR
+        entry = self._entry(ctx, uuid4(), admitted, outcome=outcome, status=error.status, model=parsed.model,
+                            fingerprint=fingerprint, stream=parsed.request.stream,
+                            error=error.code or type(error).__name__)
+        await self.batcher.commit(entry)
+
+    async def _admit(self, ctx: RequestContext, parsed: ParsedRequest, fingerprint: str) -> Admitted:
+        try:
+            return await self.admission.admit(ctx.key, parsed, ctx.now)
+        except (Forbidden, RateLimited) as refusal:
+            outcome = (ledger.FORBIDDEN if isinstance(refusal, Forbidden)
+                       else ledger.QUOTA_EXHAUSTED if refusal.code == "insufficient_quota"
+                       else ledger.RATE_LIMITED)
+            entry = self._entry(ctx, uuid4(), None, outcome=outcome, status=refusal.status, model=parsed.model,
+                                fingerprint=fingerprint, stream=parsed.request.stream, error=refusal.code,
+                                refusal_rule=getattr(refusal, "rule", None),
+                                refusal_counts=getattr(refusal, "counts", None),
+                                plan_id=getattr(refusal, "plan_id", None),
+                                assignment_id=getattr(refusal, "assignment_id", None))
+            await self.batcher.commit(entry)
+            raise
+
+    async def _previous(self, entry_id: UUID) -> LedgerEntry | None:
+        def load() -> LedgerEntry | None:
+            try:
+                return self.batcher.store.repository.get(entry_id)
+            except Exception as error:  # AggregateNotFoundError; the store names it differently per version
+                if type(error).__name__ == "AggregateNotFoundError":
+                    return None
+                raise
+        return await self.batcher.run(load)
+
+    # -- non-streamed --------------------------------------------------------------------------
+
+    async def complete(self, ctx: RequestContext, parsed: ParsedRequest) -> Reply:
+        ctx.model = parsed.model
+        fingerprint = ledger.fingerprint(parsed.canonical())
+        entry_id = self._entry_id(ctx)
+        if ctx.idempotency_key:
+            previous = await self._replayable(ctx, entry_id)
+            if previous is not None:
+                return Reply(previous.response.encode(), {"idempotent-replayed": "true"})
+        try:
+            return await self._complete(ctx, parsed, fingerprint, entry_id)
+        finally:
+            self._release(entry_id)
+
+    async def _complete(self, ctx: RequestContext, parsed: ParsedRequest, fingerprint: str,
+                        entry_id: UUID) -> Reply:
+        admitted = await self._admit(ctx, parsed, fingerprint)
+        try:
+            reply, route = await self.router.complete(parsed.model, parsed.messages, parsed.extra())
+        except (UpstreamError, UpstreamUnavailable, UpstreamClientError) as error:
+            await self._record_failure(ctx, parsed, admitted, error, fingerprint)
+            raise
+        prompt, completion, total = _usage(reply.data)
+        entry = self._entry(ctx, entry_id, admitted, outcome=ledger.OK, status=200, model=parsed.model,
+                            fingerprint=fingerprint, prompt_tokens=prompt, completion_tokens=completion,
+                            total_tokens=total, upstream=f"{route.upstream.name}/{route.model}",
+                            response=reply.body.decode() if ctx.idempotency_key else None)
+        replayed = await self._commit_or_replay(ctx, entry)
+        if replayed is not None:
+            return Reply(replayed.response.encode(), {"idempotent-replayed": "true"})
+        if admitted.settle is not None:
+            await admitted.settle(total)
+        return Reply(reply.body, dict(admitted.headers))
+
+    def _entry_id(self, ctx: RequestContext) -> UUID:
+        if ctx.idempotency_key:
+            return ledger.entry_id_for(ctx.key.id, ctx.idempotency_key)
+        return uuid4()
+
+    async def _replayable(self, ctx: RequestContext, entry_id: UUID) -> LedgerEntry | None:
+        """The committed answer of an earlier attempt with this Idempotency-Key, if any."""
+        pending = self._inflight.get(entry_id)
+        if pending is not None:
+            await asyncio.shield(pending)
+        previous = await self._previous(entry_id)
+        if previous is None:
+            self._inflight[entry_id] = asyncio.get_running_loop().create_future()
+            return None
+        ctx.outcome, ctx.entry_id, ctx.cache = "replayed", str(entry_id), "idempotent"
+        return previous
+
+    async def _commit_or_replay(self, ctx: RequestContext, entry: LedgerEntry) -> LedgerEntry | None:
+        try:
+            await self.batcher.commit(entry)
+            return None
+        except IntegrityError:
+            if not ctx.idempotency_key:
+                raise
+            ctx.outcome = "replayed"
+            return await self._previous(entry.id)
+
+    def _release(self, entry_id: UUID) -> None:
+        waiter = self._inflight.pop(entry_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- streamed ------------------------------------------------------------------------------
+
+    async def stream(self, ctx: RequestContext, parsed: ParsedRequest) -> StreamReply:
+        ctx.model = parsed.model
+        fingerprint = ledger.fingerprint(parsed.canonical())
+        include_usage = bool(parsed.request.stream_options and parsed.request.stream_options.include_usage)
+        entry_id = self._entry_id(ctx)
+        if ctx.idempotency_key:
+            previous = await self._replayable(ctx, entry_id)
+            if previous is not None:
+                return StreamReply(_frames(completion_as_chunks(_decode(previous.response), include_usage)),
+                                   {"idempotent-replayed": "true"})
+        try:
+            admitted = await self._admit(ctx, parsed, fingerprint)
+            try:
+                manager, lines, route, permit = await self.router.open_stream(
+                    parsed.model, parsed.messages, parsed.extra())
+            except (UpstreamError, UpstreamUnavailable, UpstreamClientError) as error:
+                await self._record_failure(ctx, parsed, admitted, error, fingerprint)
+                raise
+        except BaseException:
+            self._release(entry_id)
+            raise
+        frames = self._relay(ctx, parsed, admitted, entry_id, fingerprint, include_usage, manager, lines,
+                             route, permit)
+        return StreamReply(frames, dict(admitted.headers))
+
+    async def _relay(self, ctx: RequestContext, parsed: ParsedRequest, admitted: Admitted, entry_id: UUID,
+                     fingerprint: str, include_usage: bool, manager: Any, lines: AsyncIterator[str],
+                     route: Any, permit: Any) -> AsyncIterator[bytes]:
+        assembler = StreamAssembler()
+        held: list[bytes] = []      # the final chunks, sent only after the commit
+        finished = False
+        entry: LedgerEntry | None = None
+        try:
+            async for line in lines:
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                chunk = _decode(payload)
+                assembler.add(chunk)
+                frame = b"data: " + payload.encode() + b"\n\n"
+                if chunk.get("usage") and not chunk.get("choices"):
+                    if include_usage:
+                        held.append(frame)
+                elif any(c.get("finish_reason") for c in chunk.get("choices") or ()):
+                    held.append(frame)
+                else:
+                    yield frame
+            permit.success()
+            finished = True
+            prompt, completion, total = _usage({"usage": assembler.usage})
+            usage_source = "upstream"
+            if assembler.usage is None:   # an upstream that ignores include_usage
+                prompt = estimate_prompt_tokens(parsed.messages)
+                completion = assembler.estimated_completion_tokens()
+                total, usage_source = prompt + completion, "estimated"
+            entry = self._entry(ctx, entry_id, admitted, outcome=ledger.OK, status=200, model=parsed.model,
+                                fingerprint=fingerprint, stream=True, prompt_tokens=prompt,
+                                completion_tokens=completion, total_tokens=total,
+                                upstream=f"{route.upstream.name}/{route.model}",
+                                error=None if usage_source == "upstream" else "usage_estimated",
+                                response=_encode(assembler.completion()).decode() if ctx.idempotency_key else None)
+            await self._commit_or_replay(ctx, entry)
+            if admitted.settle is not None:
+                await admitted.settle(total)
+            for frame in held:
+                yield frame
+            yield b"data: [DONE]\n\n"
+            log_summary(ctx, 200)
+        except UpstreamError as error:
+            permit.failure()
+            finished = True
+            entry = self._partial(ctx, parsed, admitted, fingerprint, assembler, route, ledger.UPSTREAM_ERROR,
+                                  502, error.code)
+            await self.batcher.commit(entry)
+            yield b"data: " + _encode({"error": {"message": error.message, "type": error.type,
+                                                 "code": error.code, "param": None}}) + b"\n\n"
+            log_summary(ctx, 502)
+        finally:
+            if not finished:
+                # the client went away mid-stream: record what the upstream had produced so far
+                permit.release()
+                entry = self._partial(ctx, parsed, admitted, fingerprint, assembler, route,
+                                      ledger.CLIENT_DISCONNECTED, 499, "client_disconnected")
+                # no await here: a cancelled scope would cancel it again, so the rest runs detached
+                task = asyncio.get_running_loop().create_task(self._after_disconnect(ctx, entry, manager))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            self._release(entry_id)
+            if finished:
+                await manager.__aexit__(None, None, None)
+
+    def _partial(self, ctx: RequestContext, parsed: ParsedRequest, admitted: Admitted, fingerprint: str,
+                 assembler: StreamAssembler, route: Any, outcome: str, status: int, error: str | None) -> LedgerEntry:
+        prompt = estimate_prompt_tokens(parsed.messages)
+        completion = assembler.estimated_completion_tokens()
+        return self._entry(ctx, uuid4(), admitted, outcome=outcome, status=status, model=parsed.model,
+                           fingerprint=fingerprint, stream=True, prompt_tokens=prompt,
+                           completion_tokens=completion, total_tokens=prompt + completion,
+                           upstream=f"{route.upstream.name}/{route.model}", error=error)
+
+    async def _after_disconnect(self, ctx: RequestContext, entry: LedgerEntry, manager: Any) -> None:
+        try:
+            await manager.__aexit__(None, None, None)
+        except Exception as error:  # closing a broken upstream stream; nothing to recover
+            log.debug("upstream_close_failed", error=type(error).__name__)
+        try:
+            await self.batcher.commit(entry)
+        except Exception as error:  # nobody is waiting for this answer any more; say so in the log
+            log.error("disconnect_record_failed", entry_id=str(entry.id), error=type(error).__name__)
+        else:
+            log_summary(ctx, 499)
+
+    async def drain(self) -> None:
+        """Wait for detached recordings (on shutdown)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _usage(data: dict[str, Any]) -> tuple[int, int, int]:
+    usage = data.get("usage") or {}
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    return prompt, completion, int(usage.get("total_tokens") or prompt + completion)
+
+
+async def _frames(frames: list[bytes]) -> AsyncIterator[bytes]:
+    for frame in frames:
+        yield frame
