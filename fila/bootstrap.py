@@ -20,13 +20,17 @@ import structlog
 from fila.adapters.batcher import Batcher
 from fila.adapters.breaker import BreakerSettings, Transition
 from fila.adapters.eventstore import FilaStore, open_store
+from fila.adapters.ratelimit import RateLimiter
 from fila.adapters.upstream import OpenAIUpstream
 from fila.config import ConfigError, Settings, load_settings
 from fila.domain.ledger import BreakerTransition
 from fila.domain.time import iso
+from fila.projections.planbook import PlanBook
 from fila.projections.registry import Registry
+from fila.services.admission import CycleTokens, PlanAdmission
 from fila.services.gateway import Gateway
 from fila.services.keys import KeyService
+from fila.services.plans import PlanService
 from fila.services.routing import Router
 
 log = structlog.get_logger("fila")
@@ -61,7 +65,12 @@ class Container:
         self.batcher = Batcher(store, max_size=settings.batch_max_size,
                                max_wait=settings.batch_max_wait_ms / 1000)
         self.registry = Registry(store.recorder)
+        self.plans = PlanBook().attach(self.registry)
+        self.redis = redis_client(settings.redis_url) if settings.redis_url else None
+        self.limiter = RateLimiter(self.redis) if self.redis is not None else None
+        self.admission = PlanAdmission(self.plans, self.limiter, CycleTokens(self.redis))
         self.keys = KeyService(self.batcher, self.registry)
+        self.plan_service = PlanService(self.batcher, self.registry, self.plans)
         api_key = settings.openai_api_key or "fila-fake-upstream"
         self.primary = OpenAIUpstream("primary", settings.upstream_base_url, api_key,
                                       timeout=settings.upstream_timeout_s,
@@ -79,7 +88,7 @@ class Container:
                                  min_calls_in_window=settings.breaker_min_calls,
                                  open_seconds=settings.breaker_open_s),
                              on_transition=self._breaker_transitioned)
-        self.gateway = Gateway(batcher=self.batcher, router=self.router)
+        self.gateway = Gateway(batcher=self.batcher, router=self.router, admission=self.admission)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
@@ -89,6 +98,8 @@ class Container:
     async def start(self) -> None:
         self.batcher.start()
         await self.batcher.run(self.registry.catch_up)
+        if not self.plans.by_slug:   # a brand-new ledger: the default plans, as `fila seed` makes them
+            await self.plan_service.seed()
         self._stop = asyncio.Event()
         self._tasks.append(asyncio.create_task(self.registry.follow(self.batcher.run, self._stop)))
         log.info("started", process=self.process, database="postgres" if self.settings.is_postgres else "sqlite",
@@ -105,6 +116,8 @@ class Container:
         if self.fallback is not None:
             await self.fallback.close()
         await asyncio.to_thread(self.batcher.close)
+        if self.redis is not None:
+            await self.redis.aclose()
 
     def http_routes(self) -> list:
         return []
@@ -112,7 +125,12 @@ class Container:
     # -- services the HTTP layer calls ---------------------------------------------------------
 
     async def issue_key(self, name: str, owner: str | None, plan: str | None) -> Any:
-        return await self.keys.create(name, owner)
+        """Issue a key and put it on ``plan`` (default ``FILA_DEFAULT_PLAN``)."""
+        plan_ref = plan or self.settings.default_plan
+        self.plan_service.plan(plan_ref)          # an unknown plan fails before the key exists
+        record, secret = await self.keys.create(name, owner)
+        await self.plan_service.assign(record.id, plan_ref)
+        return record, secret
 
     async def models(self) -> list[dict[str, Any]]:
         try:
@@ -132,6 +150,12 @@ class Container:
             checks["event_store"] = {"ok": False, "error": type(error).__name__}
         breakers = {b.name: b.snapshot()["state"] for b in self.router.breakers.values()}
         checks["upstream"] = {"ok": True, "breakers": breakers}
+        if self.redis is not None:
+            try:
+                await asyncio.wait_for(self.redis.ping(), timeout=1.0)
+                checks["redis"] = {"ok": True}
+            except Exception as error:  # readiness reports, it does not fail
+                checks["redis"] = {"ok": False, "error": type(error).__name__}
         return checks
 
     def _breaker_transitioned(self, transition: Transition) -> None:
@@ -147,6 +171,16 @@ class Container:
             return
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def redis_client(url: str) -> Any:
+    """A client that fails fast: no retries, short timeouts (the callers fall back by themselves)."""
+    import redis.asyncio as aioredis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return aioredis.Redis.from_url(url, socket_timeout=0.25, socket_connect_timeout=0.1,
+                                   retry=Retry(NoBackoff(), 0), health_check_interval=0)
 
 
 def build_container(settings: Settings) -> Container:

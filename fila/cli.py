@@ -22,13 +22,15 @@ def _settings(args: argparse.Namespace | None = None, **overrides: Any) -> Setti
         raise SystemExit(2) from None
 
 
-async def _with_container(settings: Settings, work: Callable[[Any], Any]) -> Any:
+async def _with_container(settings: Settings, work: Callable[[Any], Any], *, seed: bool = True) -> Any:
     from fila.bootstrap import build_container
 
     container = build_container(settings)
     container.batcher.start()
     try:
         await container.batcher.run(container.registry.catch_up)
+        if seed and not container.plans.by_slug:
+            await container.plan_service.seed()
         return await work(container)
     finally:
         await asyncio.to_thread(container.batcher.close)
@@ -88,6 +90,12 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_seed(args: argparse.Namespace) -> int:
+    created = asyncio.run(_with_container(_settings(), lambda c: c.plan_service.seed(), seed=False))
+    print("created plans: " + (", ".join(created) if created else "none (all default plans exist)"))
+    return 0
+
+
 def cmd_fake_upstream(args: argparse.Namespace) -> int:
     from fila.adapters import fake_upstream
 
@@ -113,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--owner")
     create.add_argument("--plan")
     create.set_defaults(func=cmd_keys_create)
+
+    seed = sub.add_parser("seed", help="create the default plans (Free, Basic, Pro, Enterprise); idempotent")
+    seed.set_defaults(func=cmd_seed)
 
     fake = sub.add_parser("fake-upstream", help="run the fake OpenAI upstream (tests, demos, benchmarks)")
     fake.add_argument("--host", default="127.0.0.1")
