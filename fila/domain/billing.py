@@ -1,0 +1,298 @@
+"""The bill of one billing cycle, accumulated request by request.
+
+``CycleBill`` serves the projection (incremental, resumed via ``to_state``) and the auditor (replay
+of raw events) alike. A bill depends only on the order of calls (event order), never on a clock.
+
+- **Terms.** The plan in force for an interval. ``set_terms`` is first called at or before the
+  cycle start; later calls are mid-cycle plan changes, in time order, before the cycle end (the
+  terms already in force: no-op; two at the same instant: the last wins). A plan edit never
+  rewrites the past: the caller passes to ``add`` the terms in force at that request.
+- **Cache hits.** Billable tokens of a hit = tokens x 1 ("full"), 0 ("free") or ``cache_hit_fraction``
+  ("fraction"), rounded down per request, for input and output separately; raw counts kept apart.
+- **Included allowance.** Consumed in request (call) order; within a request, input tokens before
+  output tokens. Tokens beyond it are overage, priced at that request's terms.
+- **Proration.** Plan changes split the cycle into segments; each bills a base line of
+  ``monthly_price x segment_us / cycle_us``, exact, rounded once (half-up). The effective allowance
+  is ``floor(sum(included_tokens x segment_us) / cycle_us)`` over the segments known so far, the last
+  running to the cycle end (no change: the plan's full ``included_tokens``).
+- **Allowance at the time of a request.** A request may consume ``max(0, allowance_now - used)``:
+  the effective allowance as known when it is added, minus tokens already counted as included.
+  Nothing is re-priced: an upgrade raises the remaining allowance from then on; a downgrade lowers
+  it (possibly to zero) from then on, and tokens already counted as included stay included.
+- **Lines and total.** Overage lines are grouped by (input|output, plan, version, price); each is
+  the exact ``Decimal`` sum of its per-request costs, rounded once (``round_line``). Adjustments
+  (late corrections, any sign) are lines too. The total is the sum of the rounded lines.
+  Idempotency is the caller's job: the same entry added twice is billed twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from fila.domain.cycles import Period, ensure_utc
+from fila.domain.money import EXACT, CurrencyMismatch, Money, UnitPrice, round_line
+
+CACHE_HIT_MODES = ("full", "free", "fraction")
+STATE_VERSION = 1
+_COUNTERS = ("requests", "cache_hits", "input_tokens", "output_tokens", "billable_input_tokens",  # CycleBill ints
+             "billable_output_tokens", "included_used", "overage_input_tokens", "overage_output_tokens")
+
+
+def _count(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a non-negative int, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Terms:
+    """The plan terms in force for some interval (overage prices are per million tokens)."""
+
+    plan_id: str
+    plan_slug: str
+    plan_version: int
+    monthly_price: Money
+    included_tokens: int
+    input_price: UnitPrice
+    output_price: UnitPrice
+    cache_hit_billing: str  # "full" | "free" | "fraction"
+    cache_hit_fraction: Decimal = Decimal(1)  # used when "fraction", 0..1
+
+    def __post_init__(self) -> None:
+        if not self.plan_id or not self.plan_slug:
+            raise ValueError("plan_id and plan_slug must not be empty")
+        _count(self.plan_version, "plan_version")
+        _count(self.included_tokens, "included_tokens")
+        if self.monthly_price.amount_minor < 0:
+            raise ValueError(f"monthly price must not be negative, got {self.monthly_price}")
+        if {self.input_price.currency, self.output_price.currency} != {self.currency}:
+            raise CurrencyMismatch("monthly and overage prices must share one currency")
+        if self.cache_hit_billing not in CACHE_HIT_MODES:
+            raise ValueError(f"cache_hit_billing must be one of {CACHE_HIT_MODES}, got {self.cache_hit_billing!r}")
+        fraction = self.cache_hit_fraction
+        if not isinstance(fraction, Decimal) or not fraction.is_finite() or not 0 <= fraction <= 1:
+            raise ValueError(f"cache_hit_fraction must be a Decimal in [0, 1], got {fraction!r}")
+
+    @property
+    def currency(self) -> str:
+        return self.monthly_price.currency
+
+    def billable(self, tokens: int, cache_hit: bool) -> int:
+        """Tokens billed for ``tokens`` raw tokens of one request (cache-hit rule, rounded down)."""
+        if not cache_hit or self.cache_hit_billing == "full":
+            return tokens
+        if self.cache_hit_billing == "free":
+            return 0
+        numerator, denominator = self.cache_hit_fraction.as_integer_ratio()
+        return tokens * numerator // denominator
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plan_id": self.plan_id, "plan_slug": self.plan_slug, "plan_version": self.plan_version,
+            "monthly_price_minor": self.monthly_price.amount_minor, "currency": self.currency,
+            "included_tokens": self.included_tokens, "input_price": self.input_price.to_str(),
+            "output_price": self.output_price.to_str(), "cache_hit_billing": self.cache_hit_billing,
+            "cache_hit_fraction": str(self.cache_hit_fraction),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Terms:
+        cur = d["currency"]
+        return cls(
+            d["plan_id"], d["plan_slug"], d["plan_version"], Money(d["monthly_price_minor"], cur),
+            d["included_tokens"], UnitPrice.parse(d["input_price"], cur), UnitPrice.parse(d["output_price"], cur),
+            d["cache_hit_billing"], Decimal(d["cache_hit_fraction"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """One recorded request (a ledger entry)."""
+
+    entry_id: str
+    at: datetime
+    input_tokens: int
+    output_tokens: int
+    cache_hit: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.entry_id:
+            raise ValueError("entry_id must not be empty")
+        object.__setattr__(self, "at", ensure_utc(self.at, "usage.at"))
+        _count(self.input_tokens, "input_tokens")
+        _count(self.output_tokens, "output_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One invoice line; ``kind`` is "base", "overage_input", "overage_output" or "adjustment"."""
+
+    kind: str
+    description: str
+    quantity: int  # tokens for overage lines, 1 otherwise
+    amount: Money
+
+
+@dataclass(frozen=True, slots=True)
+class UsageOutcome:
+    """What ``CycleBill.add`` did with one request (costs exact, major units), then running totals."""
+
+    entry_id: str
+    billable_input_tokens: int
+    billable_output_tokens: int
+    included_input_tokens: int
+    included_output_tokens: int
+    overage_input_tokens: int
+    overage_output_tokens: int
+    overage_input_cost: Decimal
+    overage_output_cost: Decimal
+    included_used: int  # running: allowance consumed so far in the cycle
+    included_remaining: int  # running: allowance left, as known now
+    total: Money  # running: the bill total after this request
+
+
+@dataclass(slots=True)
+class _Overage:
+    kind: str
+    description: str
+    tokens: int = 0
+    cost: Decimal = Decimal(0)
+
+
+class CycleBill:
+    """Running bill of one cycle; see the module docstring for the rules."""
+
+    def __init__(self, period: Period, currency: str = "USD") -> None:
+        self.period = period
+        self.currency = Money.zero(currency).currency
+        self._segments: list[tuple[datetime, Terms]] = []  # (start, terms), starts increasing
+        self._overage: dict[str, _Overage] = {}
+        self._adjustments: list[tuple[Money, str, datetime]] = []
+        self.requests = self.cache_hits = self.input_tokens = self.output_tokens = 0
+        self.billable_input_tokens = self.billable_output_tokens = self.included_used = 0
+        self.overage_input_tokens = self.overage_output_tokens = 0
+
+    def set_terms(self, terms: Terms, effective_at: datetime) -> None:
+        """Terms in force from ``effective_at`` (clamped to the cycle start) to the cycle end."""
+        self._check_currency(terms.currency)
+        at = max(ensure_utc(effective_at, "effective_at"), self.period.start)
+        if not self._segments:
+            if at != self.period.start:
+                raise ValueError(f"the first terms must be in force at the cycle start {self.period.start}")
+        elif at >= self.period.end:
+            raise ValueError(f"{at.isoformat()} is not before the cycle end: it belongs to a later cycle")
+        elif at < self._segments[-1][0]:
+            raise ValueError(f"plan changes must come in time order: {at.isoformat()} is before the last one")
+        elif terms == self._segments[-1][1]:
+            return
+        elif at == self._segments[-1][0]:  # same instant: the last call wins
+            self._segments.pop()
+            if self._segments and self._segments[-1][1] == terms:
+                return
+        self._segments.append((at, terms))
+
+    def add(self, usage: Usage, terms: Terms) -> UsageOutcome:
+        """Bill one request under ``terms``, the terms in force at ``usage.at``."""
+        if not self.period.contains(usage.at):
+            raise ValueError(f"usage at {usage.at.isoformat()} is outside the cycle {self.period}")
+        if not self._segments:
+            raise ValueError("no terms in force: call set_terms first")
+        self._check_currency(terms.currency)
+        bill_in = terms.billable(usage.input_tokens, usage.cache_hit)
+        bill_out = terms.billable(usage.output_tokens, usage.cache_hit)
+        inc_in = min(bill_in, self.included_remaining)
+        inc_out = min(bill_out, self.included_remaining - inc_in)
+        over_in, over_out = bill_in - inc_in, bill_out - inc_out
+        cost_in = self._charge("overage_input", terms, terms.input_price, over_in)
+        cost_out = self._charge("overage_output", terms, terms.output_price, over_out)
+        step = (1, int(usage.cache_hit), usage.input_tokens, usage.output_tokens, bill_in, bill_out,
+                inc_in + inc_out, over_in, over_out)  # in _COUNTERS order
+        for name, increment in zip(_COUNTERS, step, strict=True):
+            setattr(self, name, getattr(self, name) + increment)
+        return UsageOutcome(
+            usage.entry_id, bill_in, bill_out, inc_in, inc_out, over_in, over_out, cost_in, cost_out,
+            self.included_used, self.included_remaining, self.total(),
+        )
+
+    def adjust(self, amount: Money, reason: str, at: datetime) -> None:
+        """A late correction line (a credit if negative); ``at`` may fall after the cycle end."""
+        self._check_currency(amount.currency)
+        if not reason.strip():
+            raise ValueError("an adjustment needs a reason")
+        self._adjustments.append((amount, reason, ensure_utc(at, "adjustment at")))
+
+    def segments(self) -> list[tuple[Period, Terms]]:
+        """The plan segments as known now (the last one runs to the cycle end)."""
+        ends = [start for start, _ in self._segments[1:]] + [self.period.end]
+        return [(Period(start, end), terms) for (start, terms), end in zip(self._segments, ends)]
+
+    @property
+    def included_tokens(self) -> int:
+        """Effective allowance as known now: ``floor(sum(included x segment_us) / cycle_us)``."""
+        weighted = sum(t.included_tokens * p.microseconds for p, t in self.segments())
+        return weighted // self.period.microseconds
+
+    @property
+    def included_remaining(self) -> int:
+        return max(0, self.included_tokens - self.included_used)
+
+    def lines(self) -> list[Line]:
+        """Base lines per segment, then overage lines (first-seen order), then adjustments."""
+        result = []
+        for seg, terms in self.segments():
+            share = "" if seg == self.period else f", prorated {seg.seconds}/{self.period.seconds} s"
+            when = f"{seg.start:%Y-%m-%d %H:%M} to {seg.end:%Y-%m-%d %H:%M} UTC{share}"
+            amount = terms.monthly_price.prorate(seg.microseconds, self.period.microseconds)
+            result.append(Line("base", f"{terms.plan_slug} v{terms.plan_version} base fee {when}", 1, amount))
+        for o in self._overage.values():
+            result.append(Line(o.kind, o.description, o.tokens, round_line(o.cost, self.currency)))
+        result.extend(Line("adjustment", reason, 1, amount) for amount, reason, _ in self._adjustments)
+        return result
+
+    def total(self) -> Money:
+        """The sum of the rounded lines."""
+        return sum((line.amount for line in self.lines()), Money.zero(self.currency))
+
+    def to_state(self) -> dict[str, Any]:
+        """JSON-native running state (str/int/list/dict only) to store in a projection row."""
+        return {
+            "version": STATE_VERSION, "currency": self.currency,
+            "period": [self.period.start.isoformat(), self.period.end.isoformat()],
+            "segments": [[start.isoformat(), terms.to_dict()] for start, terms in self._segments],
+            "counters": {name: getattr(self, name) for name in _COUNTERS},
+            "overage": [[key, o.kind, o.description, o.tokens, str(o.cost)] for key, o in self._overage.items()],
+            "adjustments": [[a.amount_minor, reason, at.isoformat()] for a, reason, at in self._adjustments],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> CycleBill:
+        """The bill ``to_state`` described, ready to take more calls."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported CycleBill state version {state.get('version')!r}")
+        bill = cls(Period(*(datetime.fromisoformat(text) for text in state["period"])), state["currency"])
+        bill._segments = [(ensure_utc(datetime.fromisoformat(s)), Terms.from_dict(t)) for s, t in state["segments"]]
+        for name in _COUNTERS:
+            setattr(bill, name, _count(state["counters"][name], name))
+        for key, kind, text, tokens, cost in state["overage"]:
+            bill._overage[key] = _Overage(kind, text, _count(tokens, "overage tokens"), Decimal(cost))
+        for minor, reason, at in state["adjustments"]:
+            bill._adjustments.append((Money(minor, bill.currency), reason, ensure_utc(datetime.fromisoformat(at))))
+        return bill
+
+    def _check_currency(self, currency: str) -> None:
+        if currency != self.currency:
+            raise CurrencyMismatch(f"a {self.currency} bill cannot take {currency} amounts")
+
+    def _charge(self, kind: str, terms: Terms, price: UnitPrice, tokens: int) -> Decimal:
+        """Exact cost of ``tokens`` overage tokens, added to its line's running sum."""
+        cost = price.cost(tokens)
+        if tokens:
+            key = f"{kind}|{terms.plan_id}|{terms.plan_version}|{price.to_str()}"
+            text = f"{terms.plan_slug} v{terms.plan_version} {kind.removeprefix('overage_')} overage at {price}"
+            acc = self._overage.setdefault(key, _Overage(kind, text))
+            acc.tokens += tokens
+            acc.cost = EXACT.add(acc.cost, cost)
+        return cost
