@@ -1,8 +1,10 @@
 """The upstream: the official ``openai`` async client on its aiohttp transport.
 
-``with_raw_response`` hands back the upstream's bytes, which FILA relays as they came and
-decodes once with msgspec (the SDK's own model parsing costs ~1 ms per call). Retries are
-off: failing fast is the circuit breaker's job, not the client's.
+A non-streamed call goes through the client's own ``post`` with the body already encoded by
+msgspec and ``cast_to`` the raw response: the client still owns auth, base URL, timeouts and
+error classes, but skips its TypedDict transform and model parsing (measured here: 1.2 ms ->
+0.7 ms of CPU per call). FILA relays the upstream's bytes as they came and decodes them once.
+Retries are off: failing fast is the circuit breaker's job, not the client's.
 Errors are translated at this edge into FILA's hierarchy:
 - the upstream's 4xx (bad model, bad parameter, its own 429) -> ``UpstreamClientError``,
   passed back to the client as it came and not counted against the upstream's health;
@@ -15,12 +17,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx2
 import msgspec
 import openai
 
 from fila.domain.errors import UpstreamClientError, UpstreamError
 
 _decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+_JSON_OPTIONS = {"headers": {"content-type": "application/json"}}
 
 
 class UpstreamReply(msgspec.Struct, frozen=True):
@@ -47,9 +52,10 @@ class OpenAIUpstream:
         await self._client.close()
 
     async def complete(self, model: str, messages: list, extra: dict[str, Any]) -> UpstreamReply:
+        payload = _encode({**extra, "model": model, "messages": messages})
         try:
-            raw = await self._client.chat.completions.with_raw_response.create(
-                model=model, messages=messages, extra_body=extra)
+            raw = await self._client.post("/chat/completions", cast_to=httpx2.Response, content=payload,
+                                          options=_JSON_OPTIONS)
         except openai.APIStatusError as error:
             raise _translate_status(error) from None
         except openai.APITimeoutError:
