@@ -1,0 +1,297 @@
+"""Per-API-key rate limits in Redis, exact across any number of gateway processes.
+
+Fixed windows aligned to the epoch: minute, hour, UTC day (``window_start(t, 86400)`` is UTC
+midnight; Unix time has no leap seconds). Why fixed windows: a window is one integer counter, so
+a check is exact (one atomic Lua script reads and bumps all of a key's counters) with O(1)
+memory per key and window. The known cost: a client may spend a window's quota just before a
+boundary and again just after it, a burst of up to 2x the limit within one window's length.
+
+``check`` refuses if a request window is full or this minute's tokens already reached
+``tokens_per_minute``; a refusal consumes nothing. Tokens are known only once the upstream
+answers, so ``add_tokens`` adds them afterwards: a token limit refuses the *next* request once
+the minute's tokens reach it. Windows follow the gateway's clock (keep hosts NTP-synced). Keys
+``{prefix}:{{key_id}}:{m|h|d|t}:{window_start}`` share a Redis Cluster slot via the hash tag.
+
+Failure policy: fail open to per-process limits. If Redis errors or is slow, an in-process
+``LocalLimiter`` decides (same windows; exact per process, approximate across processes: N
+processes may admit up to N times the remaining quota), with ``degraded=True``; a warning is
+logged at most every 10 s; nothing is raised. After a failure Redis is skipped for
+``REDIS_RETRY_S``. The local limiter is seeded with the counts each Redis answer shows, so an
+outage starts from the last known usage; what it admits is not in Redis: ``rebuild`` after.
+
+Expected client: ``redis.asyncio.Redis(..., socket_timeout=0.05, socket_connect_timeout=0.1,
+retry=Retry(NoBackoff(), 0))``; redis-py's default retries took 3.7 s to fail on a closed port.
+``timeout_s`` (default 0.25 s, ~5 us per call) is a backstop deadline. A timed-out script may
+still have counted its request: slowness can over-count, never under-count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+MINUTE, HOUR, DAY = 60, 3600, 86400
+TOKENS = "tokens_per_minute"
+TTL_MARGIN_S = 5  # counters outlive their window a little, so clock skew never resets one early
+WARN_EVERY_S = 10.0
+REDIS_RETRY_S = 1.0
+# rule -> (window seconds, key code); request rules shortest window first
+_WINDOWS = {"requests_per_minute": (MINUTE, "m"), "requests_per_hour": (HOUR, "h"),
+            "requests_per_day": (DAY, "d"), TOKENS: (MINUTE, "t")}
+
+# KEYS[1..n]: request counters, KEYS[n+1] (optional): this minute's token counter. ARGV[1] = n,
+# ARGV[1+i] = TTL of KEYS[i] (i <= n), ARGV[1+n+i] = limit of KEYS[i] (i <= n+1). Returns
+# {refused 0/1, counter values...}: request counters after the INCR if admitted, else untouched.
+_CHECK_LUA = """
+local n, refused, counts = tonumber(ARGV[1]), 0, {}
+for i = 1, #KEYS do
+  counts[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if counts[i] >= tonumber(ARGV[1 + n + i]) then refused = 1 end
+end
+if refused == 0 then
+  for i = 1, n do
+    counts[i] = redis.call('INCR', KEYS[i])
+    if counts[i] == 1 then redis.call('EXPIRE', KEYS[i], ARGV[1 + i]) end
+  end
+end
+return {refused, unpack(counts)}
+"""
+_ADD_TOKENS_LUA = """
+local v = redis.call('INCRBY', KEYS[1], ARGV[1])
+if v == tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+"""
+
+
+def window_start(now: float, seconds: int) -> int:
+    """Start (epoch seconds) of the epoch-aligned window of ``seconds`` containing ``now``."""
+    return int(now // seconds) * seconds
+
+
+def reset_after(now: float, seconds: int) -> float:
+    """Seconds until the window containing ``now`` ends; always in (0, seconds]."""
+    return window_start(now, seconds) + seconds - now
+
+
+def _ttl(now: float, seconds: int) -> int:
+    return math.ceil(reset_after(now, seconds)) + TTL_MARGIN_S
+
+
+def format_duration(seconds: float) -> str:
+    """Go ``time.Duration`` style, as OpenAI's reset headers: "500ms", "59.5s", "1h0m0s"."""
+    ms = max(0, round(seconds * 1000))
+    if ms < 1000:
+        return f"{ms}ms" if ms else "0s"
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    s = f"{secs}.{ms:03d}".rstrip("0") if ms else str(secs)
+    return (f"{hours}h{minutes}m" if hours else f"{minutes}m" if minutes else "") + f"{s}s"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A key's limits; None means unlimited."""
+
+    requests_per_minute: int | None = None
+    requests_per_hour: int | None = None
+    requests_per_day: int | None = None
+    tokens_per_minute: int | None = None
+    # Derived once, not fields: (rule, limit, seconds, key code) of each limited rule, request
+    # rules first (``windows``), and of the request rules alone (``rules``).
+    windows: ClassVar[tuple[tuple[str, int, int, str], ...]]
+    rules: ClassVar[tuple[tuple[str, int, int, str], ...]]
+
+    def __post_init__(self) -> None:
+        for name in _WINDOWS:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer or None, not {value!r}")
+        windows = tuple((name, getattr(self, name), seconds, code) for name, (seconds, code)
+                        in _WINDOWS.items() if getattr(self, name) is not None)
+        object.__setattr__(self, "windows", windows)
+        object.__setattr__(self, "rules", tuple(w for w in windows if w[0] != TOKENS))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """``*_requests`` describe the tightest request rule (least remaining, then latest reset);
+    ``rule`` is the refusing rule that resets last (so ``retry_after_s`` is when a retry can
+    succeed); ``counts`` are the counters seen (after the increment when admitted)."""
+
+    allowed: bool
+    rule: str | None = None
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+    retry_after_s: float | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    degraded: bool = False
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's ``x-ratelimit-*`` headers; ``Retry-After`` (ceil seconds, >= 1) if refused."""
+        h: dict[str, str] = {}
+        for kind, limit, remaining, reset in (
+                ("requests", self.limit_requests, self.remaining_requests, self.reset_requests_s),
+                ("tokens", self.limit_tokens, self.remaining_tokens, self.reset_tokens_s)):
+            if limit is not None:
+                h[f"x-ratelimit-limit-{kind}"] = str(limit)
+                h[f"x-ratelimit-remaining-{kind}"] = str(remaining)
+                h[f"x-ratelimit-reset-{kind}"] = format_duration(reset or 0.0)
+        if not self.allowed and self.retry_after_s is not None:
+            h["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
+        return h
+
+
+def _decide(limits: Limits, counts: dict[str, int], allowed: bool, now: float,
+            degraded: bool) -> Decision:
+    blocking = []  # (reset, rule) of the full windows, when refused
+    requests = tokens = (None, None, None)  # (limit, remaining, reset)
+    for name, limit, seconds, _ in limits.windows:
+        state = (limit, max(0, limit - counts[name]), reset_after(now, seconds))
+        if name == TOKENS:
+            tokens = state
+        elif requests[0] is None or (state[1], -state[2]) < (requests[1], -requests[2]):
+            requests = state
+        if not allowed and counts[name] >= limit:
+            blocking.append((state[2], name))
+    retry_after, rule = max(blocking) if blocking else (None, None)
+    return Decision(allowed, rule, *requests, *tokens, retry_after, counts, degraded)
+
+
+class LocalLimiter:
+    """In-process fixed windows with the Redis script's semantics: exact within one process.
+    Memory: one (window_start, count) slot per key and rule; a new window replaces the old."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._slots: dict[str, dict[str, list[int]]] = {}  # key_id -> rule -> [start, count]
+
+    @staticmethod
+    def _count(slots: dict[str, list[int]], rule: str, start: int) -> int:
+        slot = slots.get(rule)
+        return slot[1] if slot is not None and slot[0] == start else 0
+
+    def check(self, key_id: str, limits: Limits, *, now: float | None = None,
+              degraded: bool = False) -> Decision:
+        now = self._clock() if now is None else now
+        slots = self._slots.setdefault(key_id, {})
+        counts = {name: self._count(slots, name, window_start(now, seconds))
+                  for name, _, seconds, _ in limits.windows}
+        allowed = all(counts[name] < limit for name, limit, _, _ in limits.windows)
+        if allowed:
+            for name, _, seconds, _ in limits.rules:
+                counts[name] += 1
+                slots[name] = [window_start(now, seconds), counts[name]]
+        return _decide(limits, counts, allowed, now, degraded)
+
+    def add_tokens(self, key_id: str, tokens: int, *, now: float | None = None) -> None:
+        now = self._clock() if now is None else now
+        slots = self._slots.setdefault(key_id, {})
+        start = window_start(now, MINUTE)
+        slots[TOKENS] = [start, self._count(slots, TOKENS, start) + tokens]
+
+    def observe(self, key_id: str, counts: dict[str, int], *, now: float) -> None:
+        """Adopt counts seen elsewhere (in Redis) where they exceed the local ones."""
+        slots = self._slots.setdefault(key_id, {})
+        for name, count in counts.items():
+            start = window_start(now, _WINDOWS[name][0])
+            if count > self._count(slots, name, start):
+                slots[name] = [start, count]
+
+
+class RateLimiter:
+    """Redis-backed limiter: one EVALSHA round trip per ``check``."""
+
+    def __init__(self, redis: aioredis.Redis, *, prefix: str = "fila:rl",
+                 clock: Callable[[], float] = time.time, fallback: LocalLimiter | None = None,
+                 logger: Any = None, timeout_s: float = 0.25) -> None:
+        self._redis, self._prefix, self._clock, self._timeout_s = redis, prefix, clock, timeout_s
+        self._fallback = fallback if fallback is not None else LocalLimiter(clock)
+        self._log = logger if logger is not None else structlog.get_logger()
+        self._check_script = redis.register_script(_CHECK_LUA)  # sha computed locally, no I/O
+        self._tokens_script = redis.register_script(_ADD_TOKENS_LUA)
+        self._skip_redis_until, self._next_warning_at, self._failures = 0.0, 0.0, 0
+
+    def _redis_skipped(self) -> bool:  # reads the clock only while Redis is failing
+        return bool(self._skip_redis_until) and self._clock() < self._skip_redis_until
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        now = self._clock()
+        self._skip_redis_until = now + REDIS_RETRY_S
+        self._failures += 1
+        if now >= self._next_warning_at:
+            self._log.warning("ratelimit.redis_unavailable", error=repr(exc),
+                              failures=self._failures, policy="fail open to per-process limits")
+            self._next_warning_at, self._failures = now + WARN_EVERY_S, 0
+
+    async def check(self, key_id: str, limits: Limits, *, now: float | None = None) -> Decision:
+        """Admit or refuse one request for ``key_id``; never raises for Redis trouble."""
+        now = self._clock() if now is None else now
+        windows = limits.windows
+        if not windows:
+            return Decision(allowed=True)
+        if self._redis_skipped():
+            return self._fallback.check(key_id, limits, now=now, degraded=True)
+        base = f"{self._prefix}:{{{key_id}}}:"
+        keys = [f"{base}{code}:{int(now // seconds) * seconds}" for _, _, seconds, code in windows]
+        args = [len(limits.rules), *(_ttl(now, seconds) for _, _, seconds, _ in limits.rules),
+                *(limit for _, limit, _, _ in windows)]
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                reply = await self._check_script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:  # OSError: TimeoutError, ConnectionError
+            self._redis_failed(exc)
+            return self._fallback.check(key_id, limits, now=now, degraded=True)
+        self._skip_redis_until = 0.0
+        counts = {window[0]: int(count) for window, count in zip(windows, reply[1:])}
+        self._fallback.observe(key_id, counts, now=now)
+        return _decide(limits, counts, reply[0] == 0, now, False)
+
+    async def add_tokens(self, key_id: str, tokens: int, limits: Limits, *,
+                         now: float | None = None) -> None:
+        """Add a finished request's tokens to this minute's counter (a no-op without a token
+        limit); never raises for Redis trouble."""
+        if limits.tokens_per_minute is None or tokens <= 0:
+            return
+        now = self._clock() if now is None else now
+        self._fallback.add_tokens(key_id, tokens, now=now)
+        if self._redis_skipped():
+            return
+        key = f"{self._prefix}:{{{key_id}}}:t:{window_start(now, MINUTE)}"
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._tokens_script(keys=[key], args=[tokens, _ttl(now, MINUTE)])
+        except (RedisError, OSError) as exc:
+            self._redis_failed(exc)
+
+    async def rebuild(self, key_id: str, events: Iterable[tuple[float, int]], limits: Limits,
+                      *, now: float | None = None) -> dict[str, int]:
+        """Recompute the current windows' counters from accepted requests ``(timestamp,
+        tokens)`` (from the event log) and SET them in one MULTI; returns the counts. Unlike
+        ``check`` this raises ``RedisError``: it is a recovery step whose caller must know if it
+        failed. Requests admitted between reading the log and the SET are overwritten, so run
+        it before the key takes traffic again, or accept that slack."""
+        now = self._clock() if now is None else now
+        counts = {name: 0 for name, _, _, _ in limits.windows}
+        starts = {name: window_start(now, seconds) for name, _, seconds, _ in limits.windows}
+        for at, tokens in events:
+            for name, start in starts.items():
+                if start <= at <= now:
+                    counts[name] += tokens if name == TOKENS else 1
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for name, _, seconds, code in limits.windows:
+                pipe.set(f"{self._prefix}:{{{key_id}}}:{code}:{starts[name]}", counts[name],
+                         ex=_ttl(now, seconds))
+            await pipe.execute()
+        self._fallback.observe(key_id, counts, now=now)
+        return counts
