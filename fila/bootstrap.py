@@ -30,6 +30,7 @@ from fila.projections.registry import Registry
 from fila.services.admission import CycleTokens, PlanAdmission
 from fila.services.gateway import Gateway
 from fila.services.keys import KeyService
+from fila.services.plan_stats import PlanStats
 from fila.services.plans import PlanService
 from fila.services.routing import Router
 
@@ -39,7 +40,9 @@ log = structlog.get_logger("fila")
 def configure_logging(settings: Settings) -> None:
     """structlog, once: JSON when not on a terminal, readable on one."""
     use_json = settings.log_format == "json" or (settings.log_format == "auto" and not sys.stderr.isatty())
-    renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    # plain tracebacks only: a "rich" one prints frame locals, and locals hold keys and prompts
+    renderer = (structlog.processors.JSONRenderer() if use_json
+                else structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback))
     level = getattr(logging, settings.log_level.upper())
     structlog.configure(
         processors=[
@@ -71,6 +74,7 @@ class Container:
         self.admission = PlanAdmission(self.plans, self.limiter, CycleTokens(self.redis))
         self.keys = KeyService(self.batcher, self.registry)
         self.plan_service = PlanService(self.batcher, self.registry, self.plans)
+        self.plan_stats = PlanStats(store.recorder, self.registry, self.plans, self.batcher.run)
         api_key = settings.openai_api_key or "fila-fake-upstream"
         self.primary = OpenAIUpstream("primary", settings.upstream_base_url, api_key,
                                       timeout=settings.upstream_timeout_s,
@@ -120,7 +124,9 @@ class Container:
             await self.redis.aclose()
 
     def http_routes(self) -> list:
-        return []
+        from fila.http import admin_assignments, admin_plans
+
+        return [*admin_plans.ROUTES, *admin_assignments.ROUTES]
 
     # -- services the HTTP layer calls ---------------------------------------------------------
 
@@ -131,6 +137,14 @@ class Container:
         record, secret = await self.keys.create(name, owner)
         await self.plan_service.assign(record.id, plan_ref)
         return record, secret
+
+    async def plan_usage(self, plan_id: str) -> dict[str, Any]:
+        """Tokens and requests this cycle and revenue so far of one plan (see fila.services.plan_stats)."""
+        return await self.plan_stats.plan_usage(plan_id)
+
+    async def assignment_usage_stats(self) -> dict[str, Any]:
+        """The same figures over every assignment."""
+        return await self.plan_stats.assignment_usage()
 
     async def models(self) -> list[dict[str, Any]]:
         try:

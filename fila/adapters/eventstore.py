@@ -7,6 +7,7 @@ Tables are created on start (idempotent). ``FILA_DATABASE_URL`` picks the backen
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -49,5 +50,14 @@ def store_env(database_url: str) -> dict[str, str]:
     raise ValueError(f"unsupported database URL {database_url!r}")
 
 
-def open_store(database_url: str) -> FilaStore:
-    return FilaStore(env=store_env(database_url))
+def open_store(database_url: str, attempts: int = 5) -> FilaStore:
+    """Open the store, creating its tables. Worker processes starting together may race on
+    CREATE TABLE IF NOT EXISTS (Postgres can then raise a unique violation on its catalog): retry."""
+    for attempt in range(attempts):
+        try:
+            return FilaStore(env=store_env(database_url))
+        except Exception as error:  # psycopg's catalog race surfaces as several error classes
+            if attempt == attempts - 1 or "already exists" not in str(error) and "duplicate key" not in str(error):
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")

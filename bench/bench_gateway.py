@@ -1,0 +1,89 @@
+"""The core path: FILA in front of a 0 ms fake upstream, every request durably recorded.
+
+    python bench/bench_gateway.py [--seconds 10] [--connections 64] [--workers 2]
+
+Measures, in one run on this machine (load from wrk, a separate process, on loopback):
+  1. baseline: the fake upstream called directly (wrk at 64 connections; a paced client at 50 req/s);
+  2. FILA -> fake upstream, key on a plan without rate limits (cache bypassed: every request
+     goes upstream and is recorded);
+  3. the same with a plan whose rate limits are all set (high enough never to refuse), so the
+     cost of rate limiting and plan lookup (one Redis script per request) shows as a difference.
+Prints requests/s, p50, p99, committed events/s, the server's peak RSS, and the added latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+
+from bench.common import (count_events, create_key, drop_database, fake_upstream, fila_server, free_port,  # noqa: E402
+                          fresh_database, machine, paced, row, tree_peak_rss_mb, wrk)
+
+BODY = {"model": "gpt-4.1-nano", "messages": [{"role": "user", "content": "Say hello to the benchmark."}]}
+BYPASS = {"x-fila-cache": "bypass"}
+ADMIN = "bench-admin-token"
+
+
+def limited_plan(base: str) -> None:
+    response = httpx.post(f"{base}/admin/plans", headers={"authorization": f"Bearer {ADMIN}"}, timeout=30, json={
+        "slug": "bench-limited", "name": "Bench (limits on)", "included_tokens": 10**12,
+        "requests_per_minute": 10**9, "requests_per_hour": 10**9, "requests_per_day": 10**9,
+        "tokens_per_minute": 10**12})
+    if response.status_code not in (201, 409):
+        raise RuntimeError(response.text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    upstream_port, fila_port = free_port(), free_port()
+    database = fresh_database()
+    try:
+        with fake_upstream(upstream_port):
+            upstream = f"http://127.0.0.1:{upstream_port}/v1"
+            direct = wrk(f"{upstream}/chat/completions", BODY, "x", connections=args.connections, seconds=args.seconds)
+            direct_light = paced(f"{upstream}/chat/completions", BODY, "x")
+            env = {"FILA_DATABASE_URL": database, "FILA_REDIS_URL": "redis://127.0.0.1:6379/0",
+                   "FILA_UPSTREAM_BASE_URL": upstream, "OPENAI_API_KEY": "bench", "FILA_ADMIN_TOKEN": ADMIN}
+            with fila_server(fila_port, env, workers=args.workers) as server:
+                base = f"http://127.0.0.1:{fila_port}"
+                url = f"{base}/v1/chat/completions"
+                unlimited = create_key(base, ADMIN, "enterprise")
+                limited_plan(base)
+                limited = create_key(base, ADMIN, "bench-limited")
+                results = {}
+                for label, key in (("FILA, no rate limits", unlimited), ("FILA, rate limits on", limited)):
+                    before, started = count_events(database), time.perf_counter()
+                    load = wrk(url, BODY, key, connections=args.connections, seconds=args.seconds, headers=BYPASS)
+                    elapsed = time.perf_counter() - started
+                    load["events_per_s"] = (count_events(database) - before) / elapsed
+                    light = paced(url, BODY, key, headers=BYPASS)
+                    results[label] = (load, light)
+                rss = tree_peak_rss_mb(server.pid)
+        print(f"\nload: wrk, {args.connections} connections, {args.seconds} s; light: one client at 50 req/s")
+        print(row("baseline: fake upstream direct, load", direct))
+        print(row("baseline: fake upstream direct, light", direct_light))
+        for label, (load, light) in results.items():
+            print(row(f"{label}, load", load) + f"  committed {load['events_per_s']:,.0f} events/s")
+            print(row(f"{label}, light", light) + f"  added p50 {light['p50_ms'] - direct_light['p50_ms']:+.2f} ms")
+        (off_load, off_light), (on_load, on_light) = results.values()
+        print(f"\nrate limiting + plan lookup: p50 {on_light['p50_ms'] - off_light['p50_ms']:+.3f} ms at light load, "
+              f"throughput {100 * (on_load['rps'] / off_load['rps'] - 1):+.1f} % under load")
+        print(f"FILA server peak RSS ({args.workers} workers + supervisor): {rss:.0f} MB")
+    finally:
+        drop_database(database)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
