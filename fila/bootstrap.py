@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import uuid4
 
+import msgspec
 import structlog
 
 from fila.adapters.batcher import Batcher
@@ -37,11 +38,15 @@ from fila.services.routing import Router
 log = structlog.get_logger("fila")
 
 
+def _json_line(event: dict, **_: Any) -> str:
+    return msgspec.json.encode(event, enc_hook=str).decode()
+
+
 def configure_logging(settings: Settings) -> None:
     """structlog, once: JSON when not on a terminal, readable on one."""
     use_json = settings.log_format == "json" or (settings.log_format == "auto" and not sys.stderr.isatty())
     # plain tracebacks only: a "rich" one prints frame locals, and locals hold keys and prompts
-    renderer = (structlog.processors.JSONRenderer() if use_json
+    renderer = (structlog.processors.JSONRenderer(serializer=_json_line) if use_json
                 else structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback))
     level = getattr(logging, settings.log_level.upper())
     structlog.configure(

@@ -48,7 +48,8 @@ def fila_error(request: Request, error: FilaError) -> Response:
     if isinstance(error, (RateLimited, UpstreamUnavailable)):
         headers["retry-after"] = str(max(1, math.ceil(error.retry_after)))
     if isinstance(error, RateLimited):
-        headers.update(error.headers)
+        # the limiter's own "Retry-After" would be a second header line ("13, 13" to a client)
+        headers.update({k: v for k, v in error.headers.items() if k.lower() != "retry-after"})
     return error_response(request, error.status, error.message, type_=error.type, code=error.code,
                           param=error.param, headers=headers)
 

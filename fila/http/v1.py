@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import msgspec
@@ -13,6 +12,7 @@ from litestar.response import Stream
 from fila.domain.errors import FilaError, InvalidRequest
 from fila.http.auth import client_key
 from fila.services.chat import parse_chat_request
+from fila.services.ids import new_request_id
 from fila.services.gateway import RequestContext, log_summary
 
 _encode = msgspec.json.Encoder().encode
@@ -53,7 +53,7 @@ def _idempotency_key(request: Request) -> str | None:
 @post("/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
 async def chat_completions(request: Request) -> Response:
     container = _container(request)
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request_id = request.headers.get("x-request-id") or new_request_id()
     key = client_key(request, container.registry)
     ctx = RequestContext(key=key, request_id=request_id, idempotency_key=_idempotency_key(request),
                          cache_directive=cache_directive(request))

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import msgspec
 import structlog
@@ -26,6 +26,7 @@ from fila.domain.errors import (FilaError, Forbidden, RateLimited, UpstreamClien
 from fila.domain.ledger import LedgerEntry
 from fila.domain.time import iso
 from fila.projections.registry import KeyRecord
+from fila.services.ids import new_uuid
 from fila.services.chat import ParsedRequest, StreamAssembler, completion_as_chunks, estimate_prompt_tokens
 from fila.services.routing import Router
 
@@ -121,7 +122,7 @@ class Gateway:
             outcome = ledger.UPSTREAM_REJECTED
         else:
             outcome = ledger.UPSTREAM_ERROR
-        entry = self._entry(ctx, uuid4(), admitted, outcome=outcome, status=error.status, model=parsed.model,
+        entry = self._entry(ctx, new_uuid(), admitted, outcome=outcome, status=error.status, model=parsed.model,
                             fingerprint=fingerprint, stream=parsed.request.stream,
                             error=error.code or type(error).__name__)
         await self.batcher.commit(entry)
@@ -133,7 +134,7 @@ class Gateway:
             outcome = (ledger.FORBIDDEN if isinstance(refusal, Forbidden)
                        else ledger.QUOTA_EXHAUSTED if refusal.code == "insufficient_quota"
                        else ledger.RATE_LIMITED)
-            entry = self._entry(ctx, uuid4(), None, outcome=outcome, status=refusal.status, model=parsed.model,
+            entry = self._entry(ctx, new_uuid(), None, outcome=outcome, status=refusal.status, model=parsed.model,
                                 fingerprint=fingerprint, stream=parsed.request.stream, error=refusal.code,
                                 refusal_rule=getattr(refusal, "rule", None),
                                 refusal_counts=getattr(refusal, "counts", None),
@@ -190,7 +191,7 @@ class Gateway:
     def _entry_id(self, ctx: RequestContext) -> UUID:
         if ctx.idempotency_key:
             return ledger.entry_id_for(ctx.key.id, ctx.idempotency_key)
-        return uuid4()
+        return new_uuid()
 
     async def _replayable(self, ctx: RequestContext, entry_id: UUID) -> LedgerEntry | None:
         """The committed answer of an earlier attempt with this Idempotency-Key, if any."""
@@ -318,7 +319,7 @@ class Gateway:
                  assembler: StreamAssembler, route: Any, outcome: str, status: int, error: str | None) -> LedgerEntry:
         prompt = estimate_prompt_tokens(parsed.messages)
         completion = assembler.estimated_completion_tokens()
-        return self._entry(ctx, uuid4(), admitted, outcome=outcome, status=status, model=parsed.model,
+        return self._entry(ctx, new_uuid(), admitted, outcome=outcome, status=status, model=parsed.model,
                            fingerprint=fingerprint, stream=True, prompt_tokens=prompt,
                            completion_tokens=completion, total_tokens=prompt + completion,
                            upstream=f"{route.upstream.name}/{route.model}", error=error)

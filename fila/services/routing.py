@@ -49,6 +49,7 @@ class Router:
         self.on_transition = on_transition
         self.clock = clock
         self.breakers: dict[tuple[str, str], CircuitBreaker] = {}
+        self._routes: dict[str, list[Route]] = {}
 
     def breaker(self, upstream: Upstream, model: str) -> CircuitBreaker:
         key = (upstream.name, model)
@@ -57,6 +58,7 @@ class Router:
             if len(self.breakers) >= MAX_BREAKERS:   # clients may name any model: stay bounded
                 for stale in [k for k, b in self.breakers.items() if b.state.value == "closed"]:
                     del self.breakers[stale]
+                self._routes.clear()
             kwargs: dict[str, Any] = {"on_transition": self.on_transition}
             if self.clock is not None:
                 kwargs["clock"] = self.clock
@@ -64,6 +66,12 @@ class Router:
         return breaker
 
     def routes(self, model: str) -> list[Route]:
+        routes = self._routes.get(model)
+        if routes is None:
+            routes = self._routes[model] = self._build_routes(model)
+        return routes
+
+    def _build_routes(self, model: str) -> list[Route]:
         routes = [Route(self.primary, model, self.breaker(self.primary, model))]
         if self.fallback is not None or self.fallback_model is not None:
             upstream = self.fallback or self.primary
