@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 
@@ -52,6 +52,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     def uses_fake_upstream(self) -> bool:
         """No key and no upstream configured: serve the built-in fake (the offline demo)."""
         return self.openai_api_key is None and self.upstream_base_url is None
+
+
+def sqlite_path(url: str) -> str:
+    """The file of a ``sqlite:`` URL, SQLAlchemy's way: ``sqlite:///rel.db``, ``sqlite:////abs.db``."""
+    path = unquote(urlsplit(url).path)
+    return path[1:] if path.startswith("/") else path
 
 
 # name of the environment variable -> (field, parser)

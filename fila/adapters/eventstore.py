@@ -13,6 +13,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from eventsourcing.application import Application
 
+from fila.config import sqlite_path
+
 TRANSCODER_TOPIC = "fila.adapters.transcoder:MsgspecTranscoder"
 
 
@@ -42,7 +44,7 @@ def store_env(database_url: str) -> dict[str, str]:
             env["POSTGRES_SCHEMA"] = query["schema"][0]
         return env
     if parts.scheme == "sqlite":
-        path = Path(unquote(parts.path))
+        path = Path(sqlite_path(database_url))
         path.parent.mkdir(parents=True, exist_ok=True)
         env.update({"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(path),
                     "SQLITE_LOCK_TIMEOUT": "10"})
