@@ -230,7 +230,7 @@ class Gateway:
         if ctx.idempotency_key:
             previous = await self._replayable(ctx, entry_id)
             if previous is not None:
-                return StreamReply(_frames(completion_as_chunks(_decode(previous.response), include_usage)),
+                return StreamReply(_frames(completion_as_chunks(_decode(previous.response), include_usage), ctx),
                                    {"idempotent-replayed": "true"})
         try:
             admitted = await self._admit(ctx, parsed, fingerprint)
@@ -349,6 +349,7 @@ def _usage(data: dict[str, Any]) -> tuple[int, int, int]:
     return prompt, completion, int(usage.get("total_tokens") or prompt + completion)
 
 
-async def _frames(frames: list[bytes]) -> AsyncIterator[bytes]:
+async def _frames(frames: list[bytes], ctx: RequestContext) -> AsyncIterator[bytes]:
     for frame in frames:
         yield frame
+    log_summary(ctx, 200)
