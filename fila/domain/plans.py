@@ -15,6 +15,7 @@ store instead of both being kept.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -30,6 +31,7 @@ from fila.domain.time import iso, parse_iso
 PLAN_NAMESPACE = uuid5(NAMESPACE_URL, "https://fila.dev/plan")
 ASSIGNMENT_NAMESPACE = uuid5(NAMESPACE_URL, "https://fila.dev/assignment")
 
+SLUG = re.compile(r"[a-z0-9_-]{1,64}")   # ASCII only: a slug goes in URLs
 LIMIT_FIELDS = ("requests_per_minute", "requests_per_hour", "requests_per_day", "tokens_per_minute")
 CACHE_LAYERS = ("response", "conversation", "context")
 DEFAULT_CACHE_TTLS = {"response": 3600, "conversation": 86400, "context": 30 * 86400}
@@ -142,8 +144,7 @@ class Plan(Aggregate):
 
     @classmethod
     def define(cls, slug: str, terms: dict[str, Any], at: datetime) -> Plan:
-        if not isinstance(slug, str) or not slug or len(slug) > 64 or not all(
-                c.isalnum() or c in "-_" for c in slug) or slug != slug.lower():
+        if not isinstance(slug, str) or not SLUG.fullmatch(slug):
             raise InvalidRequest("'slug' must be 1-64 lower-case letters, digits, '-' or '_'", param="slug")
         clean = validate_terms(terms)
         if not clean.get("name"):
@@ -249,7 +250,7 @@ class Assignment(Aggregate):
     def suspend(self, reason: str, at: datetime) -> None:
         if self.status != ACTIVE:
             raise Conflict(f"only an active assignment can be suspended (it is {self.status})",
-                           code="invalid_transition")
+                           code="invalid_transition", param="status")
         self._suspended(reason=reason, at=iso(at))
 
     @event("Suspended", topic="fila:Assignment.Suspended")
@@ -261,9 +262,9 @@ class Assignment(Aggregate):
     def reactivate(self, at: datetime) -> None:
         if self.status == CANCELLED:
             raise Conflict("a cancelled assignment cannot be reactivated; create a new one",
-                           code="invalid_transition")
+                           code="invalid_transition", param="status")
         if self.status == ACTIVE:
-            raise Conflict("the assignment is already active", code="invalid_transition")
+            raise Conflict("the assignment is already active", code="invalid_transition", param="status")
         self._reactivated(at=iso(at))
 
     @event("Reactivated", topic="fila:Assignment.Reactivated")
@@ -274,7 +275,7 @@ class Assignment(Aggregate):
 
     def cancel(self, reason: str, at: datetime) -> None:
         if self.status == CANCELLED:
-            raise Conflict("the assignment is already cancelled", code="invalid_transition")
+            raise Conflict("the assignment is already cancelled", code="invalid_transition", param="status")
         self._cancelled(reason=reason, at=iso(at))
 
     @event("Cancelled", topic="fila:Assignment.Cancelled")
@@ -285,9 +286,9 @@ class Assignment(Aggregate):
 
     def change_plan(self, plan_id: str, effective_at: datetime, at: datetime) -> None:
         if self.status == CANCELLED:
-            raise Conflict("a cancelled assignment cannot change plan", code="invalid_transition")
+            raise Conflict("a cancelled assignment cannot change plan", code="invalid_transition", param="status")
         if plan_id == self.plan_id:
-            raise Conflict("the assignment is already on that plan", code="same_plan")
+            raise Conflict("the assignment is already on that plan", code="same_plan", param="plan")
         if effective_at < parse_iso(self.plan_history[-1][1]):
             raise InvalidRequest("'effective_at' must not be before the last plan change", param="effective_at")
         self._plan_changed(from_plan_id=self.plan_id, to_plan_id=plan_id, effective_at=iso(effective_at),
@@ -301,7 +302,7 @@ class Assignment(Aggregate):
 
     def update(self, ends_at: datetime | None, at: datetime) -> None:
         if self.status == CANCELLED:
-            raise Conflict("a cancelled assignment cannot be changed", code="invalid_transition")
+            raise Conflict("a cancelled assignment cannot be changed", code="invalid_transition", param="status")
         if ends_at is not None and ends_at <= parse_iso(self.starts_at):
             raise InvalidRequest("'ends_at' must be after 'starts_at'", param="ends_at")
         self._updated(ends_at=iso(ends_at) if ends_at else None, at=iso(at))

@@ -61,11 +61,12 @@ class PlanService:
     async def refresh(self) -> None:
         await self.batcher.run(self.registry.catch_up)
 
-    async def _save(self, *aggregates: Any, conflict: str) -> None:
+    async def _save(self, *aggregates: Any, conflict: str, param: str | None = None) -> None:
         try:
             await self.batcher.commit(*aggregates)
         except IntegrityError:
-            raise Conflict(conflict, code="conflict") from None
+            await self.refresh()      # another process wrote first: learn what it wrote
+            raise Conflict(conflict, code="conflict", param=param) from None
         await self.refresh()
 
     async def _load(self, aggregate_id: str) -> Any:
@@ -85,7 +86,7 @@ class PlanService:
             raise Conflict(f"a plan with slug '{slug}' already exists (slugs are never reused)",
                            param="slug", code="duplicate_slug")
         plan = Plan.define(slug, terms, self.clock())
-        await self._save(plan, conflict=f"a plan with slug '{slug}' already exists")
+        await self._save(plan, conflict=f"a plan with slug '{slug}' already exists", param="slug")
         return self.book.plans[str(plan.id)]
 
     async def _change(self, ref: str, change: Callable[[Plan], Any]) -> PlanRecord:
@@ -116,7 +117,12 @@ class PlanService:
         created = []
         for slug, terms in DEFAULT_PLANS.items():
             if slug not in self.book.by_slug:
-                await self.create(slug, terms)
+                try:
+                    await self.create(slug, terms)
+                except Conflict:          # another process (a worker starting too) seeded it first
+                    if slug in self.book.by_slug:
+                        continue
+                    raise
                 created.append(slug)
         return created
 
@@ -146,7 +152,7 @@ class PlanService:
         sequence = len(self.book.by_key.get(api_key_id, ()))
         assignment = Assignment.assign(assignment_id_for(api_key_id, sequence), api_key_id, plan.id,
                                        start, end, now)
-        await self._save(assignment, conflict="the key was assigned meanwhile; retry")
+        await self._save(assignment, conflict="the key was assigned meanwhile; retry", param="api_key_id")
         return self.book.assignments[str(assignment.id)]
 
     async def _change_assignment(self, assignment_id: str, change: Callable[[Assignment], Any]) -> AssignmentRecord:
@@ -163,7 +169,7 @@ class PlanService:
         record = self.assignment(assignment_id)
         current = self.book.current_assignment(record.api_key_id)
         if current is not None and current.id != record.id and current.status == ACTIVE:
-            raise Conflict("the key has another active assignment", code="assignment_exists")
+            raise Conflict("the key has another active assignment", param="api_key_id", code="assignment_exists")
         return await self._change_assignment(assignment_id, lambda a: a.reactivate(self.clock()))
 
     async def cancel(self, assignment_id: str, reason: str) -> AssignmentRecord:
