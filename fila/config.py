@@ -6,6 +6,7 @@ start-up with a :class:`ConfigError` that names the variable.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from urllib.parse import unquote, urlsplit
@@ -43,6 +44,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     cache_memory_mb: int = 64
     log_format: str = "auto"
     log_level: str = "info"
+    embedded_projector: bool = True
 
     @property
     def is_postgres(self) -> bool:
@@ -61,13 +63,15 @@ def sqlite_path(url: str) -> str:
 
 
 # name of the environment variable -> (field, parser)
-def _int(name: str, raw: str, minimum: int = 0) -> int:
+def _int(name: str, raw: str, minimum: int = 0, maximum: int | None = None) -> int:
     try:
         value = int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -76,8 +80,8 @@ def _float(name: str, raw: str, minimum: float = 0.0) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if not value >= minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {raw}")
+    if not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"{name} must be a finite number >= {minimum}, got {raw}")
     return value
 
 
@@ -88,8 +92,17 @@ def _fraction(name: str, raw: str) -> float:
     return value
 
 
-def _database_url(name: str, raw: str) -> str:
+def _split(name: str, raw: str):
     parts = urlsplit(raw)
+    try:
+        parts.port  # ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        raise ConfigError(f"{name} has an invalid port, got {raw!r}") from None
+    return parts
+
+
+def _database_url(name: str, raw: str) -> str:
+    parts = _split(name, raw)
     if parts.scheme in ("postgresql", "postgres"):
         if not parts.hostname or not parts.path.strip("/"):
             raise ConfigError(f"{name} must look like postgresql://user@host:5432/dbname, got {raw!r}")
@@ -102,13 +115,13 @@ def _database_url(name: str, raw: str) -> str:
 
 
 def _redis_url(name: str, raw: str) -> str:
-    if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+    if _split(name, raw).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"{name} must start with redis://, rediss:// or unix://, got {raw!r}")
     return raw
 
 
 def _http_url(name: str, raw: str) -> str:
-    parts = urlsplit(raw)
+    parts = _split(name, raw)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{name} must be an http(s) URL such as http://127.0.0.1:8081/v1, got {raw!r}")
     return raw.rstrip("/")
@@ -118,6 +131,15 @@ def _nonempty(name: str, raw: str) -> str:
     if not raw.strip():
         raise ConfigError(f"{name} must not be empty")
     return raw.strip()
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
 def _choice(*choices: str):
@@ -140,7 +162,7 @@ ENVIRONMENT = {
     "FILA_ADMIN_TOKEN": ("admin_token", _nonempty),
     "FILA_DEFAULT_PLAN": ("default_plan", _nonempty),
     "FILA_HOST": ("host", _nonempty),
-    "FILA_PORT": ("port", lambda n, r: _int(n, r, 1)),
+    "FILA_PORT": ("port", lambda n, r: _int(n, r, 1, 65535)),
     "FILA_WORKERS": ("workers", lambda n, r: _int(n, r, 1)),
     "FILA_UPSTREAM_TIMEOUT_S": ("upstream_timeout_s", lambda n, r: _float(n, r, 0.1)),
     "FILA_UPSTREAM_CONNECT_TIMEOUT_S": ("upstream_connect_timeout_s", lambda n, r: _float(n, r, 0.1)),
@@ -155,6 +177,7 @@ ENVIRONMENT = {
     "FILA_CACHE_MEMORY_MB": ("cache_memory_mb", lambda n, r: _int(n, r, 0)),
     "FILA_LOG_FORMAT": ("log_format", _choice("auto", "json", "console")),
     "FILA_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
+    "FILA_EMBEDDED_PROJECTOR": ("embedded_projector", _bool),
 }
 
 

@@ -12,16 +12,32 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
-from uuid import UUID
 
 import msgspec
 from eventsourcing.persistence import Transcoder
 
-_ALLOWED_AT_TOP = (datetime, UUID)
+_ALLOWED_AT_TOP = ("timestamp", "originator_id")
+_SCALARS = (str, int, float, bool, type(None))
 
 
 def _refuse(obj: Any) -> Any:
     raise TypeError(f"event fields must be JSON-native; got {type(obj).__name__}")
+
+
+def _check(value: Any) -> None:
+    """msgspec encodes UUID, datetime, Decimal, bytes... natively, as strings: refuse them here."""
+    if isinstance(value, _SCALARS):
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                _refuse(key)
+            _check(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check(item)
+    else:
+        _refuse(value)
 
 
 class MsgspecTranscoder(Transcoder):
@@ -32,8 +48,8 @@ class MsgspecTranscoder(Transcoder):
     def encode(self, obj: Any) -> bytes:
         if isinstance(obj, dict):
             for key, value in obj.items():
-                if isinstance(value, _ALLOWED_AT_TOP) and key not in ("timestamp", "originator_id"):
-                    _refuse(value)
+                if key not in _ALLOWED_AT_TOP:
+                    _check(value)
         return self._encoder.encode(obj)
 
     def decode(self, data: bytes) -> Any:

@@ -24,7 +24,7 @@ import httpx2
 import msgspec
 import openai
 
-from fila.domain.errors import UpstreamClientError, UpstreamError
+from fila.domain.errors import UpstreamClientError, UpstreamError, UpstreamTimeout
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
@@ -58,8 +58,8 @@ class OpenAIUpstream:
         payload = _encode({**extra, "model": model, "messages": messages})
         try:
             raw = await self._http.post(self._completions_url, content=payload, headers=self._headers)
-        except httpx2.TimeoutException:
-            raise UpstreamError("the upstream timed out", code="upstream_timeout") from None
+        except httpx2.TimeoutException as error:
+            raise _timed_out(error) from None
         except httpx2.HTTPError as error:
             raise UpstreamError(f"could not reach the upstream: {type(error).__name__}",
                                 code="upstream_unreachable") from None
@@ -84,8 +84,8 @@ class OpenAIUpstream:
                 yield _lines(response)
         except openai.APIStatusError as error:
             raise _translate_status(error) from None
-        except openai.APITimeoutError:
-            raise UpstreamError("the upstream timed out", code="upstream_timeout") from None
+        except openai.APITimeoutError as error:
+            raise _timed_out(error) from None
         except openai.APIConnectionError as error:
             raise UpstreamError(f"the upstream connection failed: {type(error.__cause__ or error).__name__}",
                                 code="upstream_unreachable") from None
@@ -104,7 +104,7 @@ async def _lines(response: Any) -> AsyncIterator[str]:
             if line:
                 yield line
     except openai.APITimeoutError:
-        raise UpstreamError("the upstream timed out mid-stream", code="upstream_timeout") from None
+        raise UpstreamTimeout("the upstream timed out mid-stream") from None
     except (openai.APIConnectionError, OSError) as error:
         raise UpstreamError(f"the upstream stream broke: {type(error).__name__}", code="upstream_unreachable") from None
     except Exception as error:  # the transport raises its own (aiohttp/httpx2) errors mid-body
@@ -112,6 +112,17 @@ async def _lines(response: Any) -> AsyncIterator[str]:
             raise UpstreamError(f"the upstream stream broke: {type(error).__name__}",
                                 code="upstream_unreachable") from None
         raise
+
+
+def _timed_out(error: BaseException) -> UpstreamError:
+    """The aiohttp transport reports a refused connection as a ConnectTimeout: tell the two apart."""
+    cause, depth = error.__cause__, 0
+    while cause is not None and depth < 8:
+        if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
+            return UpstreamError(f"could not reach the upstream: {type(cause).__name__}",
+                                 code="upstream_unreachable")
+        cause, depth = cause.__cause__ or cause.__context__, depth + 1
+    return UpstreamTimeout("the upstream timed out")
 
 
 def _translate_status(error: openai.APIStatusError) -> Exception:
@@ -123,7 +134,6 @@ def _translate(status: int, body: bytes, headers: Any) -> Exception:
         kept = {k: v for k, v in headers.items()
                 if k.lower() in ("retry-after", "x-request-id") or k.lower().startswith("x-ratelimit")}
         return UpstreamClientError(status, body, kept)
-    code = "upstream_timeout" if status in (408, 504) else "upstream_error"
-    failure = UpstreamError(f"the upstream answered {status}", code=code)
-    failure.status = 504 if status in (408, 504) else 502
-    return failure
+    if status in (408, 504):
+        return UpstreamTimeout(f"the upstream answered {status}")
+    return UpstreamError(f"the upstream answered {status}")

@@ -72,6 +72,13 @@ class UpstreamError(FilaError):
     code = "upstream_error"
 
 
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer in time: 504."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
 class UpstreamUnavailable(FilaError):
     """The circuit breaker is open and there is no fallback: fail fast with Retry-After."""
 

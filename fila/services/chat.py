@@ -30,9 +30,9 @@ class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
 class ChatRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     messages: list[Message]
     model: str | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int | None = 1
     conversation_id: str | None = None
 
 
@@ -77,6 +77,8 @@ def parse_chat_request(body: bytes, default_model: str) -> ParsedRequest:
         request = msgspec.convert(raw, ChatRequest)
     except msgspec.ValidationError as error:
         raise InvalidRequest(f"invalid request: {error}", param=_param_of(error)) from None
+    request.stream = bool(request.stream)          # OpenAI reads null as "not given"
+    request.n = 1 if request.n is None else request.n
     if not request.messages:
         raise InvalidRequest("'messages' must contain at least one message", param="messages")
     for index, message in enumerate(request.messages):
@@ -103,6 +105,8 @@ def _param_of(error: msgspec.ValidationError) -> str | None:
     if marker not in text:
         return None
     path = text.split(marker, 1)[1].rstrip("`")
+    if "missing required field `" in text:        # name the missing field, not its parent
+        path += "." + text.split("missing required field `", 1)[1].split("`", 1)[0]
     return path.split(".")[0] if "[" not in path.split(".")[0] else path
 
 
