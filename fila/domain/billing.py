@@ -33,7 +33,7 @@ from decimal import Decimal
 from typing import Any
 
 from fila.domain.cycles import Period, ensure_utc
-from fila.domain.money import EXACT, CurrencyMismatch, Money, UnitPrice, round_line
+from fila.domain.money import EXACT, CurrencyMismatch, Money, UnitPrice, round_line, round_minor
 
 CACHE_HIT_MODES = ("full", "free", "fraction")
 STATE_VERSION = 1
@@ -160,6 +160,16 @@ class _Overage:
     description: str
     tokens: int = 0
     cost: Decimal = Decimal(0)
+    rounded: int = 0  # round_line(cost) in minor units, kept with cost
+
+
+@dataclass(slots=True)
+class _Derived:
+    """What the segments determine, computed once per change of terms (``add`` is the hot path)."""
+
+    segments: list[tuple[Period, Terms]]
+    included_tokens: int
+    base_minor: int
 
 
 class CycleBill:
@@ -174,6 +184,11 @@ class CycleBill:
         self.requests = self.cache_hits = self.input_tokens = self.output_tokens = 0
         self.billable_input_tokens = self.billable_output_tokens = self.included_used = 0
         self.overage_input_tokens = self.overage_output_tokens = 0
+        # caches: the segments' figures (None: recompute), the sums of the rounded lines, line keys
+        self._derived: _Derived | None = None
+        self._overage_minor = 0
+        self._adjustments_minor = 0
+        self._line_keys: dict[tuple[str, str, int, Decimal], tuple[str, str]] = {}
 
     def set_terms(self, terms: Terms, effective_at: datetime) -> None:
         """Terms in force from ``effective_at`` (clamped to the cycle start) to the cycle end."""
@@ -190,31 +205,39 @@ class CycleBill:
             return
         elif at == self._segments[-1][0]:  # same instant: the last call wins
             self._segments.pop()
+            self._derived = None
             if self._segments and self._segments[-1][1] == terms:
                 return
         self._segments.append((at, terms))
+        self._derived = None
 
     def add(self, usage: Usage, terms: Terms) -> UsageOutcome:
         """Bill one request under ``terms``, the terms in force at ``usage.at``."""
-        if not self.period.contains(usage.at):
+        if not self.period.start <= usage.at < self.period.end:   # a Usage's time is UTC already
             raise ValueError(f"usage at {usage.at.isoformat()} is outside the cycle {self.period}")
         if not self._segments:
             raise ValueError("no terms in force: call set_terms first")
         self._check_currency(terms.currency)
         bill_in = terms.billable(usage.input_tokens, usage.cache_hit)
         bill_out = terms.billable(usage.output_tokens, usage.cache_hit)
-        inc_in = min(bill_in, self.included_remaining)
-        inc_out = min(bill_out, self.included_remaining - inc_in)
+        remaining = self.included_remaining
+        inc_in = min(bill_in, remaining)
+        inc_out = min(bill_out, remaining - inc_in)
         over_in, over_out = bill_in - inc_in, bill_out - inc_out
         cost_in = self._charge("overage_input", terms, terms.input_price, over_in)
         cost_out = self._charge("overage_output", terms, terms.output_price, over_out)
-        step = (1, int(usage.cache_hit), usage.input_tokens, usage.output_tokens, bill_in, bill_out,
-                inc_in + inc_out, over_in, over_out)  # in _COUNTERS order
-        for name, increment in zip(_COUNTERS, step, strict=True):
-            setattr(self, name, getattr(self, name) + increment)
+        self.requests += 1   # the _COUNTERS
+        self.cache_hits += int(usage.cache_hit)
+        self.input_tokens += usage.input_tokens
+        self.output_tokens += usage.output_tokens
+        self.billable_input_tokens += bill_in
+        self.billable_output_tokens += bill_out
+        self.included_used += inc_in + inc_out
+        self.overage_input_tokens += over_in
+        self.overage_output_tokens += over_out
         return UsageOutcome(
             usage.entry_id, bill_in, bill_out, inc_in, inc_out, over_in, over_out, cost_in, cost_out,
-            self.included_used, self.included_remaining, self.total(),
+            self.included_used, remaining - inc_in - inc_out, self.total(),
         )
 
     def adjust(self, amount: Money, reason: str, at: datetime) -> None:
@@ -223,17 +246,27 @@ class CycleBill:
         if not reason.strip():
             raise ValueError("an adjustment needs a reason")
         self._adjustments.append((amount, reason, ensure_utc(at, "adjustment at")))
+        self._adjustments_minor += amount.amount_minor
+
+    def _figures(self) -> _Derived:
+        derived = self._derived
+        if derived is None:
+            ends = [start for start, _ in self._segments[1:]] + [self.period.end]
+            segments = [(Period(start, end), terms) for (start, terms), end in zip(self._segments, ends)]
+            cycle_us = self.period.microseconds
+            weighted = sum(t.included_tokens * p.microseconds for p, t in segments)
+            base = sum(t.monthly_price.prorate(p.microseconds, cycle_us).amount_minor for p, t in segments)
+            derived = self._derived = _Derived(segments, weighted // cycle_us, base)
+        return derived
 
     def segments(self) -> list[tuple[Period, Terms]]:
         """The plan segments as known now (the last one runs to the cycle end)."""
-        ends = [start for start, _ in self._segments[1:]] + [self.period.end]
-        return [(Period(start, end), terms) for (start, terms), end in zip(self._segments, ends)]
+        return list(self._figures().segments)
 
     @property
     def included_tokens(self) -> int:
         """Effective allowance as known now: ``floor(sum(included x segment_us) / cycle_us)``."""
-        weighted = sum(t.included_tokens * p.microseconds for p, t in self.segments())
-        return weighted // self.period.microseconds
+        return self._figures().included_tokens
 
     @property
     def included_remaining(self) -> int:
@@ -253,8 +286,13 @@ class CycleBill:
         return result
 
     def total(self) -> Money:
-        """The sum of the rounded lines."""
-        return sum((line.amount for line in self.lines()), Money.zero(self.currency))
+        """The sum of the rounded lines (kept as the lines change: the same sum as over ``lines()``)."""
+        return Money(self.total_minor, self.currency)
+
+    @property
+    def total_minor(self) -> int:
+        """``total().amount_minor``, without making the Money (a running total per request is cheap)."""
+        return self._figures().base_minor + self._overage_minor + self._adjustments_minor
 
     def to_state(self) -> dict[str, Any]:
         """JSON-native running state (str/int/list/dict only) to store in a projection row."""
@@ -277,9 +315,13 @@ class CycleBill:
         for name in _COUNTERS:
             setattr(bill, name, _count(state["counters"][name], name))
         for key, kind, text, tokens, cost in state["overage"]:
-            bill._overage[key] = _Overage(kind, text, _count(tokens, "overage tokens"), Decimal(cost))
+            line = _Overage(kind, text, _count(tokens, "overage tokens"), Decimal(cost))
+            line.rounded = round_minor(line.cost)
+            bill._overage[key] = line
+            bill._overage_minor += line.rounded
         for minor, reason, at in state["adjustments"]:
             bill._adjustments.append((Money(minor, bill.currency), reason, ensure_utc(datetime.fromisoformat(at))))
+            bill._adjustments_minor += minor
         return bill
 
     def _check_currency(self, currency: str) -> None:
@@ -290,9 +332,17 @@ class CycleBill:
         """Exact cost of ``tokens`` overage tokens, added to its line's running sum."""
         cost = price.cost(tokens)
         if tokens:
-            key = f"{kind}|{terms.plan_id}|{terms.plan_version}|{price.to_str()}"
-            text = f"{terms.plan_slug} v{terms.plan_version} {kind.removeprefix('overage_')} overage at {price}"
-            acc = self._overage.setdefault(key, _Overage(kind, text))
+            names = self._line_keys.get((kind, terms.plan_id, terms.plan_version, price.per_million))
+            if names is None:
+                names = self._line_keys[(kind, terms.plan_id, terms.plan_version, price.per_million)] = (
+                    f"{kind}|{terms.plan_id}|{terms.plan_version}|{price.to_str()}",
+                    f"{terms.plan_slug} v{terms.plan_version} {kind.removeprefix('overage_')} overage at {price}")
+            acc = self._overage.get(names[0])
+            if acc is None:
+                acc = self._overage[names[0]] = _Overage(kind, names[1])
             acc.tokens += tokens
             acc.cost = EXACT.add(acc.cost, cost)
+            rounded = round_minor(acc.cost)
+            self._overage_minor += rounded - acc.rounded
+            acc.rounded = rounded
         return cost

@@ -49,6 +49,7 @@ __all__ = [
     "UnitPrice",
     "round_half_up_ratio",
     "round_line",
+    "round_minor",
 ]
 
 MINOR_DIGITS = 2
@@ -251,6 +252,10 @@ def _canonical(value: Decimal) -> str:
 
 def round_line(amount: Decimal, currency: str = "USD") -> Money:
     """THE rounding rule: one exact line amount (major units) -> Money, half-up to minor units."""
-    value = _to_decimal(amount, "line amount")
-    rounded = value.quantize(_MINOR_QUANTUM, rounding=ROUND_HALF_UP, context=_ROUNDING)
-    return Money(int(rounded.scaleb(MINOR_DIGITS, context=EXACT)), currency)
+    return Money(round_minor(_to_decimal(amount, "line amount")), currency)
+
+
+def round_minor(amount: Decimal) -> int:
+    """``round_line(amount).amount_minor`` for a finite ``Decimal`` (no checks: the billing hot path)."""
+    rounded = amount.quantize(_MINOR_QUANTUM, rounding=ROUND_HALF_UP, context=_ROUNDING)
+    return int(rounded.scaleb(MINOR_DIGITS, context=EXACT))

@@ -1,0 +1,291 @@
+"""The billing view: one row per billing cycle, built by THE billing fold (``fila.domain.billing_fold``).
+
+Each page loads the state the page's events need (the cycles and assignments they name, the
+cycles the activity clock makes due, every plan version), runs the fold over the events in
+log order, and upserts what changed, all inside the page's transaction. So a crash or a
+replayed page leaves exactly the previous page boundary, and the rows after any sequence of
+pages equal the rows of one pass over the log (a rebuild), column for column.
+
+Tables (each + the rebuild suffix):
+
+* ``billing_cycles``       a row per cycle: status, period, counters, amounts per kind of line,
+  who closed / billed / paid it and when, ``close_requested_position`` (due for closing: the
+  projector's closer stores the ``Closed`` event), ``state`` (the ``CycleBill`` as JSON, resumed
+  by the next page and read for the line items) and ``shadow`` (prices late requests).
+* ``billing_assignments``  what the fold needs of each assignment (anchor, end, plan history,
+  latest cycle).
+* ``billing_plan_terms``   every plan version's terms, so a request is priced by the version it
+  recorded and a base fee by the version in force.
+* ``billing_meta``         the activity clock (``watermark``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from fila.domain.billing import CycleBill
+from fila.domain.billing_cycle import TOPIC_CLOSED, cycle_id_for
+from fila.domain.billing_fold import (ASSIGNMENT_TOPICS, PLAN_CHANGED, TOPICS, AssignmentState, BillingFold,
+                                      CycleState, figures, micros)
+from fila.domain.cycles import Period, cycle_index
+from fila.domain.ledger import BILLABLE_OUTCOMES, RECORDED_TOPIC
+from fila.domain.time import iso, parse_iso
+from fila.projections.db import Tx
+from fila.projections.runner import Note, View
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+_CHUNK = 500
+
+CYCLE_FIGURES = ("plan_id", "plan_slug", "plan_version", "requests", "cache_hits", "input_tokens", "output_tokens",
+                 "billable_input_tokens", "billable_output_tokens", "included_tokens", "included_used",
+                 "overage_input_tokens", "overage_output_tokens", "overage_tokens", "base_minor",
+                 "overage_input_minor", "overage_output_minor", "adjustments_minor", "total_minor", "currency")
+CYCLE_STATUS = ("status", "late_requests", "unbilled_requests", "close_requested_position", "closed_position",
+                "closed_at", "closed_by", "billed_at", "billed_by", "billed_minor", "paid_at", "paid_by",
+                "paid_reference", "opened_position", "updated_position")
+CYCLE_COLUMNS = ("id", "assignment_id", "cycle_index", "api_key_id", "starts_at", "ends_at", "starts_us", "ends_us",
+                 *CYCLE_FIGURES, *CYCLE_STATUS, "state", "shadow")
+ASSIGNMENT_COLUMNS = ("id", "api_key_id", "starts_at", "starts_us", "ends_at", "status", "cancelled_at",
+                      "plan_history", "last_index", "next_us", "updated_position")
+PLAN_COLUMNS = ("plan_id", "version", "slug", "at", "terms")
+
+_INTS = {"plan_version", "requests", "cache_hits", "input_tokens", "output_tokens", "billable_input_tokens",
+         "billable_output_tokens", "included_tokens", "included_used", "overage_input_tokens",
+         "overage_output_tokens", "overage_tokens", "base_minor", "overage_input_minor", "overage_output_minor",
+         "adjustments_minor", "total_minor", "late_requests", "unbilled_requests", "close_requested_position",
+         "closed_position", "billed_minor", "opened_position", "updated_position", "cycle_index", "starts_us",
+         "ends_us"}
+
+
+class BillingRecorded(msgspec.Struct, kw_only=True):
+    """The fields of ``fila:LedgerEntry.Recorded`` the fold reads (the rest is skipped when decoding)."""
+
+    api_key_id: str = ""
+    at: str = ""
+    outcome: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cache: str = "none"
+    plan_id: str | None = None
+    plan_version: int | None = None
+    assignment_id: str | None = None
+
+
+def _ddl_type(column: str) -> str:
+    return "BIGINT" if column in _INTS else "TEXT"
+
+
+class BillingView(View):
+    name = "billing"
+    topics = TOPICS
+    tables = ("billing_cycles", "billing_assignments", "billing_plan_terms", "billing_meta")
+    state_types = {RECORDED_TOPIC: BillingRecorded}
+
+    def ddl(self, dialect: str, suffix: str = "") -> list[str]:
+        c, a, p, m = (f"{t}{suffix}" for t in self.tables)
+        cycle_cols = ", ".join(f"{col} {_ddl_type(col)}" for col in CYCLE_COLUMNS if col != "id")
+        return [
+            f"CREATE TABLE IF NOT EXISTS {c} (id TEXT PRIMARY KEY, {cycle_cols})",
+            f"CREATE INDEX IF NOT EXISTS {c}_key_idx ON {c} (api_key_id, starts_us)",
+            f"CREATE INDEX IF NOT EXISTS {c}_due_idx ON {c} (status, ends_us)",
+            f"CREATE INDEX IF NOT EXISTS {c}_assignment_idx ON {c} (assignment_id, cycle_index)",
+            f"CREATE INDEX IF NOT EXISTS {c}_starts_idx ON {c} (starts_us)",
+            f"CREATE TABLE IF NOT EXISTS {a} (id TEXT PRIMARY KEY, api_key_id TEXT NOT NULL, starts_at TEXT NOT NULL, "
+            "starts_us BIGINT NOT NULL, ends_at TEXT, status TEXT NOT NULL, cancelled_at TEXT, "
+            "plan_history TEXT NOT NULL, last_index BIGINT NOT NULL, next_us BIGINT, updated_position BIGINT NOT NULL)",
+            f"CREATE INDEX IF NOT EXISTS {a}_next_idx ON {a} (next_us)",
+            f"CREATE TABLE IF NOT EXISTS {p} (plan_id TEXT NOT NULL, version BIGINT NOT NULL, slug TEXT NOT NULL, "
+            "at TEXT NOT NULL, terms TEXT NOT NULL, PRIMARY KEY (plan_id, version))",
+            f"CREATE TABLE IF NOT EXISTS {m} (name TEXT PRIMARY KEY, value TEXT)",
+        ]
+
+    def apply(self, tx: Tx, notes: list[Note], suffix: str = "") -> None:
+        fold = TableFold(tx, suffix)
+        fold.preload(notes)
+        for note in notes:
+            fold.apply(note.id, note.topic, note.originator_id, note.state, note.version)
+        fold.flush()
+
+
+def views() -> list[View]:
+    return [BillingView()]
+
+
+# -- rows <-> state ---------------------------------------------------------------------------------
+
+
+def cycle_row(cycle: CycleState) -> tuple:
+    assert cycle.bill is not None
+    values: dict[str, Any] = {
+        "id": cycle.id, "assignment_id": cycle.assignment_id, "cycle_index": cycle.index,
+        "api_key_id": cycle.api_key_id, "starts_at": iso(cycle.period.start), "ends_at": iso(cycle.period.end),
+        "starts_us": micros(cycle.period.start), "ends_us": micros(cycle.period.end), **figures(cycle),
+        "state": _encode(cycle.bill.to_state()).decode(),
+        "shadow": _encode(cycle.shadow.to_state()).decode() if cycle.shadow is not None else None,
+    }
+    for name in CYCLE_STATUS:
+        values[name] = getattr(cycle, name)
+    return tuple(values[c] for c in CYCLE_COLUMNS)
+
+
+def cycle_from_row(row: Sequence[Any]) -> CycleState:
+    r = dict(zip(CYCLE_COLUMNS, row))
+    cycle = CycleState(
+        id=r["id"], assignment_id=r["assignment_id"], api_key_id=r["api_key_id"], index=int(r["cycle_index"]),
+        period=Period(parse_iso(r["starts_at"]), parse_iso(r["ends_at"])),
+        bill=CycleBill.from_state(_decode(r["state"])),
+        shadow=CycleBill.from_state(_decode(r["shadow"])) if r["shadow"] else None)
+    for name in CYCLE_STATUS:
+        setattr(cycle, name, r[name])
+    return cycle
+
+
+def _assignment_row(a: AssignmentState) -> tuple:
+    history = _encode([[plan_id, iso(at)] for plan_id, at in a.plan_history]).decode()
+    upcoming = a.next_start()
+    return (a.id, a.api_key_id, iso(a.starts_at), micros(a.starts_at), iso(a.ends_at) if a.ends_at else None,
+            a.status, iso(a.cancelled_at) if a.cancelled_at else None, history, a.last_index,
+            micros(upcoming) if upcoming is not None else None, a.updated_position)
+
+
+def _assignment_from_row(row: Sequence[Any]) -> AssignmentState:
+    r = dict(zip(ASSIGNMENT_COLUMNS, row))
+    return AssignmentState(
+        id=r["id"], api_key_id=r["api_key_id"], starts_at=parse_iso(r["starts_at"]),
+        ends_at=parse_iso(r["ends_at"]) if r["ends_at"] else None, status=r["status"],
+        cancelled_at=parse_iso(r["cancelled_at"]) if r["cancelled_at"] else None,
+        plan_history=[(plan_id, parse_iso(at)) for plan_id, at in _decode(r["plan_history"])],
+        last_index=int(r["last_index"]), updated_position=int(r["updated_position"]))
+
+
+def _upsert_sql(table: str, columns: Sequence[str], key: Sequence[str]) -> str:
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+            f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}")
+
+
+def _chunks(values: Iterable[str]) -> Iterable[list[str]]:
+    items = sorted(set(values))
+    for i in range(0, len(items), _CHUNK):
+        yield items[i:i + _CHUNK]
+
+
+class TableFold(BillingFold):
+    """The fold over one page, its state read from and written back to the view's tables."""
+
+    def __init__(self, tx: Tx, suffix: str = "") -> None:
+        super().__init__()
+        self.tx = tx
+        self.t_cycles, self.t_assignments, self.t_plans, self.t_meta = (
+            f"{t}{suffix}" for t in BillingView.tables)
+        self._dirty_cycles: dict[str, CycleState] = {}
+        self._dirty_assignments: dict[str, AssignmentState] = {}
+        self._stored_versions: set[tuple[str, int]] = set()
+        self._stored_watermark: datetime | None = None
+
+    # -- hooks ---------------------------------------------------------------------------------------
+
+    def _load_assignment(self, assignment_id: str) -> AssignmentState | None:
+        row = self.tx.fetchone(f"SELECT {', '.join(ASSIGNMENT_COLUMNS)} FROM {self.t_assignments} WHERE id = ?",
+                               (assignment_id,))
+        return _assignment_from_row(row) if row else None
+
+    def _load_cycle(self, cycle_id: str) -> CycleState | None:
+        row = self.tx.fetchone(f"SELECT {', '.join(CYCLE_COLUMNS)} FROM {self.t_cycles} WHERE id = ?", (cycle_id,))
+        return cycle_from_row(row) if row else None
+
+    def _mark(self, obj: AssignmentState | CycleState) -> None:
+        if isinstance(obj, CycleState):
+            self._dirty_cycles[obj.id] = obj
+        else:
+            self._dirty_assignments[obj.id] = obj
+
+    # -- before and after the page -----------------------------------------------------------------------
+
+    def _load_assignments(self, ids: Iterable[str]) -> None:
+        for chunk in _chunks(i for i in ids if i not in self.assignments):
+            marks = ", ".join("?" * len(chunk))
+            for row in self.tx.fetchall(f"SELECT {', '.join(ASSIGNMENT_COLUMNS)} FROM {self.t_assignments} "
+                                        f"WHERE id IN ({marks})", chunk):
+                self.assignments[row[0]] = _assignment_from_row(row)
+
+    def _load_cycles(self, where: str, params: Sequence[Any]) -> list[CycleState]:
+        rows = self.tx.fetchall(f"SELECT {', '.join(CYCLE_COLUMNS)} FROM {self.t_cycles} WHERE {where}", params)
+        return [self._register(cycle_from_row(row)) if row[0] not in self.cycles else self.cycles[row[0]]
+                for row in rows]
+
+    def preload(self, notes: Sequence[Note]) -> None:
+        """Load in a few queries what the page will touch (the fold loads any miss one by one)."""
+        tx = self.tx
+        row = tx.fetchone(f"SELECT value FROM {self.t_meta} WHERE name = 'watermark'")
+        self.watermark = self._stored_watermark = parse_iso(row[0]) if row and row[0] else None
+        for plan_id, version, slug, at, terms in tx.fetchall(
+                f"SELECT {', '.join(PLAN_COLUMNS)} FROM {self.t_plans} ORDER BY plan_id, version"):
+            self.plans.add(plan_id, int(version), parse_iso(at), slug, _decode(terms))
+            self._stored_versions.add((plan_id, int(version)))
+
+        latest = self.watermark
+        assignment_ids: set[str] = set()
+        changed: set[str] = set()
+        cycle_ids: set[str] = set()
+        entries: list[tuple[str, datetime]] = []
+        for note in notes:
+            if note.topic == RECORDED_TOPIC:
+                state = note.state
+                try:
+                    at = parse_iso(state.at.replace("Z", "+00:00"))
+                except ValueError:
+                    continue
+                latest = at if latest is None or at > latest else latest
+                if state.outcome in BILLABLE_OUTCOMES and state.assignment_id and state.plan_id:
+                    assignment_ids.add(state.assignment_id)
+                    entries.append((state.assignment_id, at))
+            elif note.topic in ASSIGNMENT_TOPICS:
+                assignment_ids.add(note.originator_id)
+                if note.topic == PLAN_CHANGED:
+                    changed.add(note.originator_id)
+            else:
+                cycle_ids.add(note.originator_id)
+                if note.topic == TOPIC_CLOSED and isinstance(note.state, dict):
+                    assignment_ids.add(str(note.state.get("assignment_id")))
+        self._load_assignments(assignment_ids)
+        for assignment_id, at in entries:
+            assignment = self.assignments.get(assignment_id)
+            if assignment is not None and at >= assignment.starts_at:
+                cycle_ids.add(str(cycle_id_for(assignment_id, cycle_index(assignment.starts_at, at))))
+        for chunk in _chunks(i for i in cycle_ids if i not in self.cycles):
+            self._load_cycles(f"id IN ({', '.join('?' * len(chunk))})", chunk)
+        for chunk in _chunks(changed):
+            self._load_cycles(f"status = 'open' AND assignment_id IN ({', '.join('?' * len(chunk))})", chunk)
+        if latest is not None:   # what the activity clock can reach within this page
+            bound = micros(latest)
+            due = self._load_cycles("status = 'open' AND close_requested_position IS NULL AND ends_us <= ?",
+                                    (bound,))
+            self._load_assignments(c.assignment_id for c in due)
+            for cycle in due:
+                self._push_due(cycle)
+            starting = tx.fetchall(f"SELECT id FROM {self.t_assignments} WHERE next_us <= ?", (bound,))
+            self._load_assignments(r[0] for r in starting)
+            for (assignment_id,) in starting:
+                self._push_next(self.assignments[assignment_id])
+
+    def flush(self) -> None:
+        tx = self.tx
+        if self._dirty_cycles:
+            tx.executemany(_upsert_sql(self.t_cycles, CYCLE_COLUMNS, ("id",)),
+                           [cycle_row(c) for _, c in sorted(self._dirty_cycles.items())])
+        if self._dirty_assignments:
+            tx.executemany(_upsert_sql(self.t_assignments, ASSIGNMENT_COLUMNS, ("id",)),
+                           [_assignment_row(a) for _, a in sorted(self._dirty_assignments.items())])
+        new_versions = [(plan_id, v.version, v.slug, iso(v.at), _encode(v.terms).decode())
+                        for plan_id, versions in sorted(self.plans.versions.items()) for v in versions
+                        if (plan_id, v.version) not in self._stored_versions]
+        if new_versions:
+            tx.insert_many(self.t_plans, PLAN_COLUMNS, new_versions, key=("plan_id", "version"))
+        if self.watermark is not None and self.watermark != self._stored_watermark:
+            tx.execute(_upsert_sql(self.t_meta, ("name", "value"), ("name",)), ("watermark", iso(self.watermark)))
