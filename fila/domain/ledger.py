@@ -11,6 +11,9 @@ Every field is JSON-native (str, int, bool, None, dict of those): see ``fila.ada
 from __future__ import annotations
 
 import hashlib
+import inspect
+from functools import cache
+from typing import Any
 from uuid import UUID, NAMESPACE_URL, uuid5
 
 from eventsourcing.domain import Aggregate, event
@@ -103,6 +106,41 @@ class LedgerEntry(Aggregate):
         self.assignment_id = assignment_id
         self.refusal_rule = refusal_rule
         self.refusal_counts = refusal_counts
+
+
+@cache
+def _recorded_fields() -> tuple[dict[str, Any], frozenset[str], frozenset[str]]:
+    """(defaults, every field name, required names) of ``LedgerEntry.__init__``."""
+    parameters = dict(inspect.signature(LedgerEntry.__init__).parameters)
+    del parameters["self"], parameters["id"]
+    defaults = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    return defaults, frozenset(parameters), frozenset(parameters) - frozenset(defaults)
+
+
+def recorded(id: UUID, **fields: Any) -> Any:
+    """A new entry's one ``Recorded`` event, built directly.
+
+    The same event as ``LedgerEntry(id=id, **fields).collect_events()[0]`` (a test holds them
+    equal) for ~1/10 of the cost: the hot path records one per request, and the aggregate
+    round trip (signature filtering, a 28-field frozen dataclass ``__init__``) was a quarter of
+    a cache hit's CPU. The frozen event is filled through its ``__dict__``; the one check its
+    ``__post_init__`` makes (a UUID id) is made here.
+    """
+    defaults, names, required = _recorded_fields()
+    if not isinstance(id, UUID):
+        raise TypeError(f"a ledger entry id must be a UUID, got {id!r}")
+    if not names.issuperset(fields) or not required.issubset(fields):
+        wrong = (set(fields) - names) | (required - set(fields))
+        raise TypeError(f"unknown or missing ledger entry fields: {sorted(wrong)}")
+    event = object.__new__(LedgerEntry.Recorded)
+    state = event.__dict__
+    state.update(defaults)
+    state.update(fields)
+    state["originator_id"] = id
+    state["originator_version"] = 1
+    state["timestamp"] = LedgerEntry.Recorded.create_timestamp()
+    state["originator_topic"] = LedgerEntry.TOPIC
+    return event
 
 
 class BreakerTransition(Aggregate):
