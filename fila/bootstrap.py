@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 from datetime import UTC, datetime
 from typing import Any
 from uuid import uuid4
@@ -20,15 +21,22 @@ import structlog
 
 from fila.adapters.batcher import Batcher
 from fila.adapters.breaker import BreakerSettings, Transition
+from fila.adapters.cache_store import MemoryLRU, RedisStore
 from fila.adapters.eventstore import FilaStore, open_store
 from fila.adapters.ratelimit import RateLimiter
 from fila.adapters.upstream import OpenAIUpstream
 from fila.config import ConfigError, Settings, load_settings
+from fila.domain.errors import Conflict
 from fila.domain.ledger import BreakerTransition
 from fila.domain.time import iso
+from fila.projections.db import open_database
 from fila.projections.planbook import PlanBook
 from fila.projections.registry import Registry
+from fila.projections.runner import Projector
 from fila.services.admission import CycleTokens, PlanAdmission
+from fila.services.audit import Auditor
+from fila.services.billing import BillingService, CycleCloser
+from fila.services.cache import CacheService
 from fila.services.gateway import Gateway
 from fila.services.keys import KeyService
 from fila.services.plan_stats import PlanStats
@@ -97,7 +105,20 @@ class Container:
                                  min_calls_in_window=settings.breaker_min_calls,
                                  open_seconds=settings.breaker_open_s),
                              on_transition=self._breaker_transitioned)
-        self.gateway = Gateway(batcher=self.batcher, router=self.router, admission=self.admission)
+        self.cache = CacheService(memory=MemoryLRU(settings.cache_memory_mb * 1024 * 1024),
+                                  shared=RedisStore(self.redis) if self.redis is not None else None,
+                                  plans=self.plans, batcher=self.batcher, registry=self.registry)
+        self.gateway = Gateway(batcher=self.batcher, router=self.router, admission=self.admission,
+                               cache=self.cache)
+        # projections: the views' tables sit next to the events (same database, same schema)
+        self.projections_db = open_database(settings.database_url)
+        self.projector = Projector(self.projections_db, store.recorder)
+        self.closer = CycleCloser(store, self.projections_db)
+        self.billing = BillingService(batcher=self.batcher, projector=self.projector, db=self.projections_db,
+                                      book=self.plans)
+        self.audit = Auditor(store.recorder, self.projections_db, self.batcher.run)
+        self._projector_stop = threading.Event()
+        self._projector_thread: threading.Thread | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
@@ -111,12 +132,15 @@ class Container:
             await self.plan_service.seed()
         self._stop = asyncio.Event()
         self._tasks.append(asyncio.create_task(self.registry.follow(self.batcher.run, self._stop)))
+        if self.settings.embedded_projector:
+            self.start_projector()
         log.info("started", process=self.process, database="postgres" if self.settings.is_postgres else "sqlite",
                  upstream=self.settings.upstream_base_url or "https://api.openai.com/v1")
 
     async def stop(self) -> None:
         self._stop.set()
         await self.gateway.drain()
+        await self.cache.drain()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
@@ -124,21 +148,44 @@ class Container:
         await self.primary.close()
         if self.fallback is not None:
             await self.fallback.close()
+        await asyncio.to_thread(self.stop_projector)
         await asyncio.to_thread(self.batcher.close)
         if self.redis is not None:
             await self.redis.aclose()
 
-    def http_routes(self) -> list:
-        from fila.http import admin_assignments, admin_plans
+    def start_projector(self) -> None:
+        """Follow the log in a thread of this process (``FILA_EMBEDDED_PROJECTOR``; else ``fila projections run``)."""
+        if self._projector_thread is None:
+            self._projector_stop.clear()
+            self._projector_thread = threading.Thread(
+                target=lead_projections, args=(self.settings.database_url, self.projector, self.closer,
+                                               self._projector_stop),
+                name="fila-projector", daemon=True)
+            self._projector_thread.start()
 
-        return [*admin_plans.ROUTES, *admin_assignments.ROUTES]
+    def stop_projector(self) -> None:
+        self._projector_stop.set()
+        if self._projector_thread is not None:
+            self._projector_thread.join(timeout=15)
+            self._projector_thread = None
+        self.projector.close()
+        self.projections_db.close()
+
+    def http_routes(self) -> list:
+        from fila.http import admin_assignments, admin_audit, admin_billing, admin_plans, cache_routes
+
+        return [*admin_plans.ROUTES, *admin_assignments.ROUTES, *cache_routes.ROUTES, *admin_billing.ROUTES,
+                *admin_audit.ROUTES]
 
     # -- services the HTTP layer calls ---------------------------------------------------------
 
     async def issue_key(self, name: str, owner: str | None, plan: str | None) -> Any:
         """Issue a key and put it on ``plan`` (default ``FILA_DEFAULT_PLAN``)."""
         plan_ref = plan or self.settings.default_plan
-        self.plan_service.plan(plan_ref)          # an unknown plan fails before the key exists
+        plan_record = self.plan_service.plan(plan_ref)   # an unknown plan fails before the key exists
+        if not plan_record.active:
+            raise Conflict(f"plan '{plan_record.slug}' is deactivated: it takes no new assignments",
+                           param="plan", code="plan_inactive")
         record, secret = await self.keys.create(name, owner)
         await self.plan_service.assign(record.id, plan_ref)
         return record, secret
@@ -190,6 +237,54 @@ class Container:
             return
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def follow_log(projector: Projector, closer: CycleCloser, stop: threading.Event) -> None:
+    """Keep every view at the log's head; after each catch-up, close the cycles the billing view found due."""
+    def close_due(applied: int) -> None:
+        try:
+            closer.run_once()
+        except Exception as error:  # the store may be briefly down: the next catch-up retries
+            log.error("cycle_closer_failed", error=repr(error), exc_info=True)
+
+    close_due(0)
+    projector.follow(stop, on_idle=close_due)
+
+
+def lead_projections(database_url: str, projector: Any, closer: Any, stop: threading.Event) -> None:
+    """Run the embedded projector in one process only.
+
+    With PostgreSQL, every worker of every FILA process may have the embedded projector on;
+    the one holding a session advisory lock (keyed by the database URL, schema included)
+    follows the log, the others wait and take over within seconds if it goes away. Running
+    two followers would be correct (each page's tracking update is conditional) but would
+    spend the CPU twice. SQLite serves one process: it just runs.
+    """
+    if not database_url.startswith(("postgresql://", "postgres://")):
+        follow_log(projector, closer, stop)
+        return
+    import hashlib
+
+    import psycopg
+
+    from fila.adapters.eventstore import store_env
+
+    env = store_env(database_url)
+    key = int.from_bytes(hashlib.sha256(database_url.encode()).digest()[:8], "big", signed=True)
+    while not stop.is_set():
+        try:
+            with psycopg.connect(host=env["POSTGRES_HOST"], port=env["POSTGRES_PORT"], dbname=env["POSTGRES_DBNAME"],
+                                 user=env["POSTGRES_USER"], password=env["POSTGRES_PASSWORD"] or None,
+                                 autocommit=True) as conn:
+                while not stop.is_set():
+                    if conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+                        log.info("projector_leading")
+                        follow_log(projector, closer, stop)
+                        return
+                    stop.wait(2.0)
+        except psycopg.Error as error:  # the database is briefly away: try again shortly
+            log.warning("projector_lock_failed", error=type(error).__name__)
+            stop.wait(2.0)
 
 
 def redis_client(url: str) -> Any:

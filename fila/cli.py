@@ -35,6 +35,7 @@ async def _with_container(settings: Settings, work: Callable[[Any], Any], *, see
     finally:
         await asyncio.to_thread(container.batcher.close)
         await container.primary.close()
+        container.projections_db.close()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -130,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--port", type=int, default=8081)
     fake.add_argument("--latency-ms", type=float, default=0.0)
     fake.set_defaults(func=cmd_fake_upstream)
+
+    from fila.projections import cli as projections_cli
+    from fila.services import audit_cli
+
+    projections_cli.add_subcommands(sub)
+    audit_cli.add_subcommands(sub)
     return parser
 
 

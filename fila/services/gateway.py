@@ -26,6 +26,7 @@ from fila.domain.errors import (FilaError, Forbidden, RateLimited, UpstreamClien
 from fila.domain.ledger import LedgerEntry
 from fila.domain.time import iso
 from fila.projections.registry import KeyRecord
+from fila.services.cache import CacheService, Lookup
 from fila.services.ids import new_uuid
 from fila.services.chat import ParsedRequest, StreamAssembler, completion_as_chunks, estimate_prompt_tokens
 from fila.services.routing import Router
@@ -92,17 +93,19 @@ def log_summary(ctx: RequestContext, status: int) -> None:
 
 
 class Gateway:
-    def __init__(self, *, batcher: Any, router: Router, admission: Any = None) -> None:
+    def __init__(self, *, batcher: Any, router: Router, admission: Any = None,
+                 cache: CacheService | None = None) -> None:
         self.batcher = batcher
         self.router = router
         self.admission = admission or AllowAll()
+        self.cache = cache if cache is not None else CacheService.off()
         self._inflight: dict[UUID, asyncio.Future] = {}
         self._background: set[asyncio.Task] = set()
 
     # -- recording -------------------------------------------------------------------------
 
     def _entry(self, ctx: RequestContext, entry_id: UUID, admitted: Admitted | None, *, outcome: str,
-               status: int, model: str, **fields: Any) -> LedgerEntry:
+               status: int, model: str, **fields: Any) -> LedgerEntry.Recorded:
         ctx.outcome = outcome
         ctx.entry_id = str(entry_id)
         ctx.tokens = fields.get("total_tokens", 0)
@@ -110,12 +113,12 @@ class Gateway:
             fields.setdefault("plan_id", admitted.plan_id)
             fields.setdefault("plan_version", admitted.plan_version)
             fields.setdefault("assignment_id", admitted.assignment_id)
-        return LedgerEntry(id=entry_id, api_key_id=ctx.key.id, at=iso(ctx.now), outcome=outcome, status=status,
-                           model=model, idempotency_key=ctx.idempotency_key, latency_us=ctx.latency_us(),
-                           **fields)
+        return ledger.recorded(entry_id, api_key_id=ctx.key.id, at=iso(ctx.now), outcome=outcome, status=status,
+                               model=model, idempotency_key=ctx.idempotency_key, latency_us=ctx.latency_us(),
+                               **fields)
 
     async def _record_failure(self, ctx: RequestContext, parsed: ParsedRequest, admitted: Admitted | None,
-                              error: FilaError, fingerprint: str) -> None:
+                              error: FilaError, fingerprint: str, lookup: Lookup) -> None:
         if isinstance(error, UpstreamUnavailable):
             outcome = ledger.BREAKER_OPEN
         elif isinstance(error, UpstreamClientError):
@@ -124,7 +127,7 @@ class Gateway:
             outcome = ledger.UPSTREAM_ERROR
         entry = self._entry(ctx, new_uuid(), admitted, outcome=outcome, status=error.status, model=parsed.model,
                             fingerprint=fingerprint, stream=parsed.request.stream,
-                            error=error.code or type(error).__name__)
+                            error=error.code or type(error).__name__, **lookup.fields())
         await self.batcher.commit(entry)
 
     async def _admit(self, ctx: RequestContext, parsed: ParsedRequest, fingerprint: str) -> Admitted:
@@ -157,6 +160,8 @@ class Gateway:
 
     async def complete(self, ctx: RequestContext, parsed: ParsedRequest) -> Reply:
         ctx.model = parsed.model
+        lookup = await self.cache.prepare(ctx, parsed)     # base context + history prepended, cache key
+        parsed = lookup.parsed
         fingerprint = ledger.fingerprint(parsed.canonical())
         entry_id = self._entry_id(ctx)
         if ctx.idempotency_key:
@@ -164,29 +169,51 @@ class Gateway:
             if previous is not None:
                 return Reply(previous.response.encode(), {"idempotent-replayed": "true"})
         try:
-            return await self._complete(ctx, parsed, fingerprint, entry_id)
+            return await self._complete(ctx, parsed, fingerprint, entry_id, lookup)
         finally:
             self._release(entry_id)
+            self.cache.release(lookup)
 
     async def _complete(self, ctx: RequestContext, parsed: ParsedRequest, fingerprint: str,
-                        entry_id: UUID) -> Reply:
+                        entry_id: UUID, lookup: Lookup) -> Reply:
         admitted = await self._admit(ctx, parsed, fingerprint)
+        if await self.cache.find(lookup, admitted.plan_id) is not None:
+            return await self._record_hit(ctx, parsed, admitted, entry_id, fingerprint, lookup)
         try:
             reply, route = await self.router.complete(parsed.model, parsed.messages, parsed.extra())
         except (UpstreamError, UpstreamUnavailable, UpstreamClientError) as error:
-            await self._record_failure(ctx, parsed, admitted, error, fingerprint)
+            await self._record_failure(ctx, parsed, admitted, error, fingerprint, lookup)
             raise
         prompt, completion, total = _usage(reply.data)
         entry = self._entry(ctx, entry_id, admitted, outcome=ledger.OK, status=200, model=parsed.model,
                             fingerprint=fingerprint, prompt_tokens=prompt, completion_tokens=completion,
                             total_tokens=total, upstream=f"{route.upstream.name}/{route.model}",
-                            response=reply.body.decode() if ctx.idempotency_key else None)
+                            response=reply.body.decode() if ctx.idempotency_key else None, **lookup.fields())
         replayed = await self._commit_or_replay(ctx, entry)
         if replayed is not None:
             return Reply(replayed.response.encode(), {"idempotent-replayed": "true"})
+        await self.cache.answered(lookup, entry_id, reply.body, reply.data, prompt, completion, total,
+                                  fallback=route.upstream is not self.router.primary or route.model != parsed.model)
         if admitted.settle is not None:
             await admitted.settle(total)
-        return Reply(reply.body, dict(admitted.headers))
+        return Reply(reply.body, dict(admitted.headers, **lookup.headers))
+
+    async def _record_hit(self, ctx: RequestContext, parsed: ParsedRequest, admitted: Admitted,
+                          entry_id: UUID, fingerprint: str, lookup: Lookup) -> Reply:
+        """A cached answer: recorded with the original usage (billing reads cache == "hit"), then served."""
+        stored = lookup.stored
+        entry = self._entry(ctx, entry_id, admitted, outcome=ledger.OK, status=200, model=parsed.model,
+                            fingerprint=fingerprint, stream=parsed.request.stream,
+                            prompt_tokens=stored.prompt_tokens, completion_tokens=stored.completion_tokens,
+                            total_tokens=stored.total_tokens,
+                            response=stored.body.decode() if ctx.idempotency_key else None, **lookup.fields())
+        replayed = await self._commit_or_replay(ctx, entry)
+        if replayed is not None:
+            return Reply(replayed.response.encode(), {"idempotent-replayed": "true"})
+        await self.cache.served(lookup)
+        if admitted.settle is not None:
+            await admitted.settle(self.cache.billable_hit_tokens(admitted.plan_id, stored.total_tokens))
+        return Reply(stored.body, dict(admitted.headers, **lookup.headers))
 
     def _entry_id(self, ctx: RequestContext) -> UUID:
         if ctx.idempotency_key:
@@ -195,17 +222,22 @@ class Gateway:
 
     async def _replayable(self, ctx: RequestContext, entry_id: UUID) -> LedgerEntry | None:
         """The committed answer of an earlier attempt with this Idempotency-Key, if any."""
-        pending = self._inflight.get(entry_id)
-        if pending is not None:
+        while (pending := self._inflight.get(entry_id)) is not None:
             await asyncio.shield(pending)
-        previous = await self._previous(entry_id)
+        # claim the key before the next await: concurrent attempts now wait for this one
+        self._inflight[entry_id] = asyncio.get_running_loop().create_future()
+        try:
+            previous = await self._previous(entry_id)
+        except BaseException:
+            self._release(entry_id)
+            raise
         if previous is None:
-            self._inflight[entry_id] = asyncio.get_running_loop().create_future()
             return None
+        self._release(entry_id)
         ctx.outcome, ctx.entry_id, ctx.cache = "replayed", str(entry_id), "idempotent"
         return previous
 
-    async def _commit_or_replay(self, ctx: RequestContext, entry: LedgerEntry) -> LedgerEntry | None:
+    async def _commit_or_replay(self, ctx: RequestContext, entry: LedgerEntry.Recorded) -> LedgerEntry | None:
         try:
             await self.batcher.commit(entry)
             return None
@@ -213,7 +245,7 @@ class Gateway:
             if not ctx.idempotency_key:
                 raise
             ctx.outcome = "replayed"
-            return await self._previous(entry.id)
+            return await self._previous(entry.originator_id)
 
     def _release(self, entry_id: UUID) -> None:
         waiter = self._inflight.pop(entry_id, None)
@@ -224,6 +256,8 @@ class Gateway:
 
     async def stream(self, ctx: RequestContext, parsed: ParsedRequest) -> StreamReply:
         ctx.model = parsed.model
+        lookup = await self.cache.prepare(ctx, parsed)
+        parsed = lookup.parsed
         fingerprint = ledger.fingerprint(parsed.canonical())
         include_usage = bool(parsed.request.stream_options and parsed.request.stream_options.include_usage)
         entry_id = self._entry_id(ctx)
@@ -232,24 +266,33 @@ class Gateway:
             if previous is not None:
                 return StreamReply(_frames(completion_as_chunks(_decode(previous.response), include_usage), ctx),
                                    {"idempotent-replayed": "true"})
+        hit = None
         try:
             admitted = await self._admit(ctx, parsed, fingerprint)
-            try:
-                manager, lines, route, permit = await self.router.open_stream(
-                    parsed.model, parsed.messages, parsed.extra())
-            except (UpstreamError, UpstreamUnavailable, UpstreamClientError) as error:
-                await self._record_failure(ctx, parsed, admitted, error, fingerprint)
-                raise
+            if await self.cache.find(lookup, admitted.plan_id) is not None:
+                hit = await self._record_hit(ctx, parsed, admitted, entry_id, fingerprint, lookup)
+            else:
+                try:
+                    manager, lines, route, permit = await self.router.open_stream(
+                        parsed.model, parsed.messages, parsed.extra())
+                except (UpstreamError, UpstreamUnavailable, UpstreamClientError) as error:
+                    await self._record_failure(ctx, parsed, admitted, error, fingerprint, lookup)
+                    raise
         except BaseException:
             self._release(entry_id)
+            self.cache.release(lookup)
             raise
+        if hit is not None:     # a cached answer, served as a stream
+            self._release(entry_id)
+            self.cache.release(lookup)
+            return StreamReply(_frames(completion_as_chunks(_decode(hit.body), include_usage), ctx), hit.headers)
         frames = self._relay(ctx, parsed, admitted, entry_id, fingerprint, include_usage, manager, lines,
-                             route, permit)
-        return StreamReply(frames, dict(admitted.headers))
+                             route, permit, lookup)
+        return StreamReply(frames, dict(admitted.headers, **lookup.headers))
 
     async def _relay(self, ctx: RequestContext, parsed: ParsedRequest, admitted: Admitted, entry_id: UUID,
                      fingerprint: str, include_usage: bool, manager: Any, lines: AsyncIterator[str],
-                     route: Any, permit: Any) -> AsyncIterator[bytes]:
+                     route: Any, permit: Any, lookup: Lookup) -> AsyncIterator[bytes]:
         assembler = StreamAssembler()
         held: list[bytes] = []      # the final chunks, sent only after the commit
         finished = False
@@ -284,8 +327,11 @@ class Gateway:
                                 completion_tokens=completion, total_tokens=total,
                                 upstream=f"{route.upstream.name}/{route.model}",
                                 error=None if usage_source == "upstream" else "usage_estimated",
-                                response=_encode(assembler.completion()).decode() if ctx.idempotency_key else None)
+                                response=_encode(assembler.completion()).decode() if ctx.idempotency_key else None,
+                                **lookup.fields())
             await self._commit_or_replay(ctx, entry)
+            await self.cache.answered(lookup, entry_id, None, assembler.completion(), prompt, completion, total,
+                                      fallback=route.upstream is not self.router.primary or route.model != parsed.model)
             if admitted.settle is not None:
                 await admitted.settle(total)
             for frame in held:
@@ -296,7 +342,7 @@ class Gateway:
             permit.failure()
             finished = True
             entry = self._partial(ctx, parsed, admitted, fingerprint, assembler, route, ledger.UPSTREAM_ERROR,
-                                  502, error.code)
+                                  502, error.code, lookup)
             await self.batcher.commit(entry)
             yield b"data: " + _encode({"error": {"message": error.message, "type": error.type,
                                                  "code": error.code, "param": None}}) + b"\n\n"
@@ -306,23 +352,25 @@ class Gateway:
                 # the client went away mid-stream: record what the upstream had produced so far
                 permit.release()
                 entry = self._partial(ctx, parsed, admitted, fingerprint, assembler, route,
-                                      ledger.CLIENT_DISCONNECTED, 499, "client_disconnected")
+                                      ledger.CLIENT_DISCONNECTED, 499, "client_disconnected", lookup)
                 # no await here: a cancelled scope would cancel it again, so the rest runs detached
                 task = asyncio.get_running_loop().create_task(self._after_disconnect(ctx, entry, manager))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
             self._release(entry_id)
+            self.cache.release(lookup)
             if finished:
                 await manager.__aexit__(None, None, None)
 
     def _partial(self, ctx: RequestContext, parsed: ParsedRequest, admitted: Admitted, fingerprint: str,
-                 assembler: StreamAssembler, route: Any, outcome: str, status: int, error: str | None) -> LedgerEntry:
+                 assembler: StreamAssembler, route: Any, outcome: str, status: int, error: str | None,
+                 lookup: Lookup) -> LedgerEntry.Recorded:
         prompt = estimate_prompt_tokens(parsed.messages)
         completion = assembler.estimated_completion_tokens()
         return self._entry(ctx, new_uuid(), admitted, outcome=outcome, status=status, model=parsed.model,
                            fingerprint=fingerprint, stream=True, prompt_tokens=prompt,
                            completion_tokens=completion, total_tokens=prompt + completion,
-                           upstream=f"{route.upstream.name}/{route.model}", error=error)
+                           upstream=f"{route.upstream.name}/{route.model}", error=error, **lookup.fields())
 
     async def _after_disconnect(self, ctx: RequestContext, entry: LedgerEntry, manager: Any) -> None:
         try:
@@ -332,7 +380,7 @@ class Gateway:
         try:
             await self.batcher.commit(entry)
         except Exception as error:  # nobody is waiting for this answer any more; say so in the log
-            log.error("disconnect_record_failed", entry_id=str(entry.id), error=type(error).__name__)
+            log.error("disconnect_record_failed", entry_id=str(entry.originator_id), error=type(error).__name__)
         else:
             log_summary(ctx, 499)
 
