@@ -54,7 +54,8 @@ def main() -> int:
             direct = wrk(f"{upstream}/chat/completions", BODY, "x", connections=args.connections, seconds=args.seconds)
             direct_light = paced(f"{upstream}/chat/completions", BODY, "x")
             env = {"FILA_DATABASE_URL": database, "FILA_REDIS_URL": "redis://127.0.0.1:6379/0",
-                   "FILA_UPSTREAM_BASE_URL": upstream, "OPENAI_API_KEY": "bench", "FILA_ADMIN_TOKEN": ADMIN}
+                   "FILA_UPSTREAM_BASE_URL": upstream, "OPENAI_API_KEY": "bench", "FILA_ADMIN_TOKEN": ADMIN,
+                   "FILA_EMBEDDED_PROJECTOR": "false"}
             with fila_server(fila_port, env, workers=args.workers) as server:
                 base = f"http://127.0.0.1:{fila_port}"
                 url = f"{base}/v1/chat/completions"

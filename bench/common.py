@@ -133,6 +133,9 @@ def wrk(url: str, body: dict, key: str, *, connections: int = 64, seconds: int =
     extra = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in (headers or {}).items())
     script = WRK_LUA.format(body=json.dumps(json.dumps(body)), key=key, extra=extra)
     script += """
+response = function(status, headers, body)
+  if status ~= 200 and not reported then reported = true; io.write("FILA-NON2XX " .. status .. " " .. body .. "\\n") end
+end
 done = function(summary, latency, requests)
   io.write(string.format("FILA-WRK %d %d %d %d %d %d\\n", summary.requests, summary.duration,
     latency:percentile(50), latency:percentile(99), summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
@@ -147,6 +150,9 @@ end
     if not match:
         raise RuntimeError(f"wrk said: {out}")
     requests, duration_us, p50, p99, bad_status, socket_errors = map(int, match.groups())
+    for line in out.splitlines():
+        if line.startswith("FILA-NON2XX"):
+            print(f"  (wrk saw a non-2xx answer: {line[12:200]})")
     return {"requests": requests, "rps": requests / (duration_us / 1e6), "p50_ms": p50 / 1000,
             "p99_ms": p99 / 1000, "non_2xx": bad_status, "socket_errors": socket_errors}
 

@@ -158,7 +158,7 @@ async def key_usage(request: Request, key_id: FromPath[str]) -> Response:
 @get("/v1/usage", summary="The calling key's current cycle: included, used, remaining, overage so far")
 async def my_usage(request: Request) -> Response:
     container = request.app.state.container
-    key = client_key(request, container.registry)
+    key = await client_key(request, container)
     return json(await container.billing.key_usage(key.id, wait_for=container.batcher.last_notification_id))
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Any
 
 from litestar import Request
 
 from fila.domain.errors import Unauthenticated
-from fila.projections.registry import KeyRecord, Registry
+from fila.projections.registry import KeyRecord
 
 
 def bearer(request: Request) -> str | None:
@@ -21,12 +22,12 @@ def bearer(request: Request) -> str | None:
     return token.strip()
 
 
-def client_key(request: Request, registry: Registry) -> KeyRecord:
+async def client_key(request: Request, container: Any) -> KeyRecord:
     token = bearer(request)
     if token is None:
         raise Unauthenticated("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.")
     digest = hashlib.sha256(token.encode()).hexdigest()
-    record = registry.authenticate(digest)
+    record = await container.registry.authenticate_fresh(digest, container.batcher.run)
     if record is None or not hmac.compare_digest(record.secret_hash, digest):
         raise Unauthenticated("Incorrect API key provided, or the key has been revoked.")
     return record

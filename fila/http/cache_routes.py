@@ -36,9 +36,9 @@ class ContextBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     reference: str | None = None
 
 
-def _client(request: Request) -> tuple[Any, str]:
+async def _client(request: Request) -> tuple[Any, str]:
     container = request.app.state.container
-    return container, client_key(request, container.registry).id
+    return container, (await client_key(request, container)).id
 
 
 # -- admin ---------------------------------------------------------------------------------------
@@ -70,34 +70,34 @@ async def delete_entry(request: Request, cache_key: FromPath[str]) -> Response:
 
 @put("/v1/fila/context", status_code=200, summary="Set this key's base context (prepended to its requests)")
 async def put_context(request: Request) -> Response:
-    container, key_id = _client(request)
+    container, key_id = await _client(request)
     body = decode_body(await request.body(), ContextBody)
     return json(await container.cache.set_context(key_id, body.system, body.reference))
 
 
 @get("/v1/fila/context", summary="Show this key's base context")
 async def get_context(request: Request) -> Response:
-    container, key_id = _client(request)
+    container, key_id = await _client(request)
     return json(await container.cache.context(key_id))
 
 
 @delete("/v1/fila/context", status_code=200, summary="Remove this key's base context")
 async def delete_context(request: Request) -> Response:
-    container, key_id = _client(request)
+    container, key_id = await _client(request)
     await container.cache.clear_context(key_id)
     return json({"object": "fila.context.deleted", "deleted": True})
 
 
 @get("/v1/fila/conversations/{conversation_id:str}", summary="Show a conversation's history")
 async def get_conversation(request: Request, conversation_id: FromPath[str]) -> Response:
-    container, key_id = _client(request)
+    container, key_id = await _client(request)
     messages = await container.cache.conversation(key_id, conversation_id)
     return json({"id": conversation_id, "object": "fila.conversation", "messages": messages})
 
 
 @delete("/v1/fila/conversations/{conversation_id:str}", status_code=200, summary="Forget a conversation")
 async def delete_conversation(request: Request, conversation_id: FromPath[str]) -> Response:
-    container, key_id = _client(request)
+    container, key_id = await _client(request)
     return json(await container.cache.delete_conversation(key_id, conversation_id))
 
 

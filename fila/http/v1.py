@@ -54,7 +54,7 @@ def _idempotency_key(request: Request) -> str | None:
 async def chat_completions(request: Request) -> Response:
     container = _container(request)
     request_id = request.headers.get("x-request-id") or new_request_id()
-    key = client_key(request, container.registry)
+    key = await client_key(request, container)
     ctx = RequestContext(key=key, request_id=request_id, idempotency_key=_idempotency_key(request),
                          cache_directive=cache_directive(request))
     structlog.contextvars.bind_contextvars(request_id=request_id, api_key_id=key.id)
@@ -84,7 +84,7 @@ async def chat_completions(request: Request) -> Response:
 @get("/v1/models", summary="List models (OpenAI-compatible)")
 async def list_models(request: Request) -> Response:
     container = _container(request)
-    client_key(request, container.registry)
+    await client_key(request, container)
     models = await container.models()
     return Response(_encode({"object": "list", "data": models}), media_type="application/json")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import msgspec
 
 _decode = msgspec.json.Decoder().decode
+
+MISS_REFRESH_S = 0.05
 
 Handler = Callable[[str, dict[str, Any], int], None]   # (originator_id, state, version)
 
@@ -55,6 +58,8 @@ class Registry:
     by_hash: dict[str, KeyRecord] = field(default_factory=dict)
     handlers: dict[str, Handler] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _refresh: asyncio.Future | None = None
+    _last_refresh: float = 0.0
 
     def __post_init__(self) -> None:
         self.handlers.update({
@@ -98,6 +103,27 @@ class Registry:
     # -- keys ----------------------------------------------------------------------------------
 
     def authenticate(self, secret_hash: str) -> KeyRecord | None:
+        return self.by_hash.get(secret_hash)
+
+    async def authenticate_fresh(self, secret_hash: str, run: Callable[..., Any]) -> KeyRecord | None:
+        """Like ``authenticate``, but an unknown secret first refreshes from the log, so a key
+        issued by another process a moment ago works at once. One refresh runs at a time, and
+        at most one every ``MISS_REFRESH_S`` (a flood of wrong keys costs one read per interval)."""
+        record = self.by_hash.get(secret_hash)
+        if record is not None:
+            return record
+        if self._refresh is None:
+            now = time.monotonic()
+            if now - self._last_refresh < MISS_REFRESH_S:
+                return None
+            self._last_refresh = now
+            self._refresh = asyncio.ensure_future(run(self.catch_up))
+            try:
+                await self._refresh
+            finally:
+                self._refresh = None
+        else:
+            await asyncio.shield(self._refresh)
         return self.by_hash.get(secret_hash)
 
     def _key_issued(self, key_id: str, state: dict[str, Any], version: int) -> None:

@@ -76,7 +76,7 @@ class Admitted:
     plan_version: int | None = None
     assignment_id: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    settle: Callable[[int], Any] | None = None   # awaited with the request's total tokens
+    settle: Callable[[int], Any] | None = None   # run after the answer with the request's total tokens
 
 
 class AllowAll:
@@ -194,8 +194,7 @@ class Gateway:
             return Reply(replayed.response.encode(), {"idempotent-replayed": "true"})
         await self.cache.answered(lookup, entry_id, reply.body, reply.data, prompt, completion, total,
                                   fallback=route.upstream is not self.router.primary or route.model != parsed.model)
-        if admitted.settle is not None:
-            await admitted.settle(total)
+        self._settle(admitted, total)
         return Reply(reply.body, dict(admitted.headers, **lookup.headers))
 
     async def _record_hit(self, ctx: RequestContext, parsed: ParsedRequest, admitted: Admitted,
@@ -211,8 +210,7 @@ class Gateway:
         if replayed is not None:
             return Reply(replayed.response.encode(), {"idempotent-replayed": "true"})
         await self.cache.served(lookup)
-        if admitted.settle is not None:
-            await admitted.settle(self.cache.billable_hit_tokens(admitted.plan_id, stored.total_tokens))
+        self._settle(admitted, self.cache.billable_hit_tokens(admitted.plan_id, stored.total_tokens))
         return Reply(stored.body, dict(admitted.headers, **lookup.headers))
 
     def _entry_id(self, ctx: RequestContext) -> UUID:
@@ -332,8 +330,7 @@ class Gateway:
             await self._commit_or_replay(ctx, entry)
             await self.cache.answered(lookup, entry_id, None, assembler.completion(), prompt, completion, total,
                                       fallback=route.upstream is not self.router.primary or route.model != parsed.model)
-            if admitted.settle is not None:
-                await admitted.settle(total)
+            self._settle(admitted, total)
             for frame in held:
                 yield frame
             yield b"data: [DONE]\n\n"
@@ -383,6 +380,14 @@ class Gateway:
             log.error("disconnect_record_failed", entry_id=str(entry.originator_id), error=type(error).__name__)
         else:
             log_summary(ctx, 499)
+
+    def _settle(self, admitted: Admitted, tokens: int) -> None:
+        """Count the tokens against the plan's token limit and hard cap, off the answer's path:
+        the counters (Redis) matter for the next request, not for this one."""
+        if admitted.settle is not None:
+            task = asyncio.get_running_loop().create_task(admitted.settle(tokens))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def drain(self) -> None:
         """Wait for detached recordings (on shutdown)."""
