@@ -35,7 +35,7 @@ from typing import Any, Callable, ClassVar, Iterable
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 MINUTE, HOUR, DAY = 60, 3600, 86400
 TOKENS = "tokens_per_minute"
@@ -209,6 +209,57 @@ class LocalLimiter:
                 slots[name] = [start, count]
 
 
+class _Coalescer:
+    """Script calls made in the same event-loop tick go to Redis as one pipeline: one round trip
+    and far less client CPU per call under load; a lone call goes as it is."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._pending: list[tuple[Any, list, list, asyncio.Future]] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    async def call(self, script: Any, keys: list, args: list) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((script, keys, args, future))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[Any, list, list, asyncio.Future]]) -> None:
+        try:
+            if len(batch) == 1:
+                script, keys, args, _ = batch[0]
+                results: list[Any] = [await script(keys=keys, args=args)]
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for script, keys, args, _ in batch:
+                        pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    results = await pipe.execute(raise_on_error=False)
+                for index, result in enumerate(results):
+                    if isinstance(result, NoScriptError):   # Redis restarted: the script loads itself
+                        script, keys, args, _ = batch[index]
+                        results[index] = await script(keys=keys, args=args)
+        except (RedisError, OSError) as error:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for (*_, future), result in zip(batch, results):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
 class RateLimiter:
     """Redis-backed limiter: one EVALSHA round trip per ``check``."""
 
@@ -220,6 +271,7 @@ class RateLimiter:
         self._log = logger if logger is not None else structlog.get_logger()
         self._check_script = redis.register_script(_CHECK_LUA)  # sha computed locally, no I/O
         self._tokens_script = redis.register_script(_ADD_TOKENS_LUA)
+        self._scripts = _Coalescer(redis)
         self._skip_redis_until, self._next_warning_at, self._failures = 0.0, 0.0, 0
 
     def _redis_skipped(self) -> bool:  # reads the clock only while Redis is failing
@@ -248,7 +300,7 @@ class RateLimiter:
                 *(limit for _, limit, _, _ in windows)]
         try:
             async with asyncio.timeout(self._timeout_s):
-                reply = await self._check_script(keys=keys, args=args)
+                reply = await self._scripts.call(self._check_script, keys, args)
         except (RedisError, OSError) as exc:  # OSError: TimeoutError, ConnectionError
             self._redis_failed(exc)
             return self._fallback.check(key_id, limits, now=now, degraded=True)
@@ -270,7 +322,7 @@ class RateLimiter:
         key = f"{self._prefix}:{{{key_id}}}:t:{window_start(now, MINUTE)}"
         try:
             async with asyncio.timeout(self._timeout_s):
-                await self._tokens_script(keys=[key], args=[tokens, _ttl(now, MINUTE)])
+                await self._scripts.call(self._tokens_script, [key], [tokens, _ttl(now, MINUTE)])
         except (RedisError, OSError) as exc:
             self._redis_failed(exc)
 

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Litestar
+from litestar import Litestar, Request
 from litestar.openapi import OpenAPIConfig
 
 from fila.http import admin_keys, ops, v1
 from fila.http.errors import EXCEPTION_HANDLERS
+
+
+async def read_your_writes(request: Request) -> None:
+    """Before an admin call, bring this process's registry to the log's head: a key, plan or
+    assignment written through another worker a moment ago is seen (admin calls are few)."""
+    if request.url.path.startswith("/admin"):
+        container = request.app.state.container
+        await container.batcher.run(container.registry.catch_up)
 
 
 def create_app(container: Any, *, extra_routes: list | None = None) -> Litestar:
@@ -16,6 +24,7 @@ def create_app(container: Any, *, extra_routes: list | None = None) -> Litestar:
     app = Litestar(
         route_handlers=routes,
         exception_handlers=EXCEPTION_HANDLERS,
+        before_request=read_your_writes,
         on_startup=[container.start],
         on_shutdown=[container.stop],
         request_max_body_size=container.settings.max_body_bytes,

@@ -332,3 +332,24 @@ async def test_local_fallback_starts_from_the_last_counts_seen_in_redis(client, 
     assert [(d.allowed, d.degraded) for d in degraded] == [(True, True), (False, True),
                                                           (False, True)]
     await broken_client.aclose()
+
+
+async def test_concurrent_checks_share_one_pipeline_and_survive_a_script_flush():
+    """Checks from one loop tick go as one pipeline; after SCRIPT FLUSH (a Redis restart) the
+    pipelined EVALSHA misses and the scripts load themselves again: decisions stay exact."""
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    from fila.adapters.ratelimit import Limits, RateLimiter
+
+    client = aioredis.Redis(host="127.0.0.1", port=6379)
+    try:
+        limiter = RateLimiter(client, prefix=f"fila:test:{uuid.uuid4().hex}")
+        limits = Limits(requests_per_minute=7)
+        await client.script_flush()
+        decisions = await asyncio.gather(*[limiter.check("k", limits, now=1_000_020.0) for _ in range(30)])
+        assert sum(d.allowed for d in decisions) == 7
+        assert not any(d.degraded for d in decisions)
+    finally:
+        await client.aclose()
