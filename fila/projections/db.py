@@ -22,6 +22,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,27 +44,31 @@ def ident(name: str) -> str:
     return name
 
 
-class Tx:
+class Tx(ABC):
     """One open transaction. ``execute`` returns the row count; ``fetchall`` the rows as tuples."""
 
     dialect: str
 
+    @abstractmethod
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        raise NotImplementedError
+        """Each dialect implements this."""
 
+    @abstractmethod
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        raise NotImplementedError
+        """Each dialect implements this."""
 
+    @abstractmethod
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        raise NotImplementedError
+        """Each dialect implements this."""
 
     def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
         rows = self.fetchall(sql, params)
         return rows[0] if rows else None
 
+    @abstractmethod
     def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *,
                     key: Sequence[str], add: Sequence[str] = ()) -> None:
-        raise NotImplementedError
+        """Each dialect implements this."""
 
     def _upsert_sql(self, table: str, columns: Sequence[str], key: Sequence[str], add: Sequence[str],
                     source: str) -> str:
@@ -78,44 +83,46 @@ class Tx:
         return f"INSERT INTO {table} ({cols}) {source} {conflict}"
 
 
-class Database:
+class Database(ABC):
     """A connection source for one dialect. Thread-safe: each transaction has its own connection."""
 
     dialect: str
     url: str
 
+    @abstractmethod
     @contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[Tx]:
         """``durable=False``: the commit may be lost in a database crash (never half of it).
         Right for projection pages: their rows and their position would be lost together."""
-        raise NotImplementedError
-        yield  # pragma: no cover
 
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         """Rows of one read-only query, in a short transaction of its own."""
         with self.transaction() as tx:
             return tx.fetchall(sql, params)
 
+    @abstractmethod
     def table_exists(self, name: str, tx: Tx | None = None) -> bool:
-        raise NotImplementedError
+        """Each dialect implements this."""
 
+    @abstractmethod
     def indexes(self, tx: Tx, table: str) -> list[tuple[str, str | None]]:
         """(name, CREATE statement or None) of each index of ``table``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def rename_index(self, tx: Tx, table: str, old: str, new: str, sql: str | None) -> None:
-        raise NotImplementedError
+        """Each dialect implements this."""
 
+    @abstractmethod
     def secondary_indexes(self, tx: Tx, table: str) -> list[tuple[str, str]]:
         """(name, CREATE statement) of each non-unique index of ``table``: a bulk load drops them
         and builds them once at the end (unique ones stay: ``ON CONFLICT`` needs them)."""
-        raise NotImplementedError
 
     def listener(self, channel: str | None) -> Listener:
         return Listener()
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Each dialect implements this."""
 
 
 class Listener:

@@ -47,6 +47,7 @@ tables is missing; to change a view's schema, change its DDL and ``rebuild`` it.
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -96,7 +97,7 @@ class Note(msgspec.Struct, frozen=True, gc=False):
     state: Any
 
 
-class View:
+class View(ABC):
     """A read model built from some topics of the log; see the module docstring."""
 
     name: ClassVar[str]
@@ -107,11 +108,13 @@ class View:
     indexes_last: ClassVar[bool] = False             # True: apply never reads its tables, so a rebuild
                                                      # may build their non-unique indexes once, at the end
 
+    @abstractmethod
     def ddl(self, dialect: str, suffix: str = "") -> list[str]:
-        raise NotImplementedError
+        """Each view implements this."""
 
+    @abstractmethod
     def apply(self, tx: Tx, notes: list[Note], suffix: str = "") -> None:
-        raise NotImplementedError
+        """Each view implements this."""
 
 
 class ViewStatus(NamedTuple):
