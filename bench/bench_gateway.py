@@ -7,14 +7,18 @@ Measures, in one run on this machine (load from wrk, a separate process, on loop
   2. FILA -> fake upstream, key on a plan without rate limits (cache bypassed: every request
      goes upstream and is recorded);
   3. the same with a plan whose rate limits are all set (high enough never to refuse), so the
-     cost of rate limiting and plan lookup (one Redis script per request) shows as a difference.
+     cost of rate limiting and plan lookup (one Redis script per request) shows as a difference;
+with ``--with-projector``, ``fila projections run`` follows the log in its own process (as in
+docker-compose) on the same two cores, and its lag is sampled every second.
 Prints requests/s, p50, p99, committed events/s, the server's peak RSS, and the added latency.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx  # noqa: E402
 
 from bench.common import (count_events, create_key, drop_database, fake_upstream, fila_server, free_port,  # noqa: E402
-                          fresh_database, machine, paced, row, tree_peak_rss_mb, wrk)
+                          fresh_database, machine, paced, process, row, tree_peak_rss_mb, wrk)
 
 BODY = {"model": "gpt-4.1-nano", "messages": [{"role": "user", "content": "Say hello to the benchmark."}]}
 BYPASS = {"x-fila-cache": "bypass"}
@@ -39,11 +43,31 @@ def limited_plan(base: str) -> None:
         raise RuntimeError(response.text)
 
 
+def projection_lag(database: str) -> tuple[int, int]:
+    """(log head, how far the slowest view is behind it)."""
+    import psycopg
+
+    with psycopg.connect(database) as conn:
+        head = conn.execute("SELECT coalesce(max(notification_id), 0) FROM fila_events").fetchone()[0]
+        slowest = conn.execute("SELECT min(position) FROM fila_projection_tracking").fetchone()[0]
+    return head, head - (slowest or 0)
+
+
+def watch_lag(database: str, stop: threading.Event, samples: list[int]) -> None:
+    while not stop.wait(1.0):
+        try:
+            samples.append(projection_lag(database)[1])
+        except Exception:  # the tracking table may not exist for the first second
+            pass
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--with-projector", action="store_true",
+                        help="also run `fila projections run` (its own process) and sample its lag")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     upstream_port, fila_port = free_port(), free_port()
@@ -56,21 +80,35 @@ def main() -> int:
             env = {"FILA_DATABASE_URL": database, "FILA_REDIS_URL": "redis://127.0.0.1:6379/0",
                    "FILA_UPSTREAM_BASE_URL": upstream, "OPENAI_API_KEY": "bench", "FILA_ADMIN_TOKEN": ADMIN,
                    "FILA_EMBEDDED_PROJECTOR": "false"}
-            with fila_server(fila_port, env, workers=args.workers) as server:
+            projector = (process([sys.executable, "-m", "fila.cli", "projections", "run"],
+                                 env={**env, "FILA_LOG_LEVEL": "warning"}) if args.with_projector
+                         else contextlib.nullcontext())
+            with fila_server(fila_port, env, workers=args.workers) as server, projector:
                 base = f"http://127.0.0.1:{fila_port}"
                 url = f"{base}/v1/chat/completions"
                 unlimited = create_key(base, ADMIN, "enterprise")
                 limited_plan(base)
                 limited = create_key(base, ADMIN, "bench-limited")
                 results = {}
+                lags: list[int] = []
                 for label, key in (("FILA, no rate limits", unlimited), ("FILA, rate limits on", limited)):
                     before, started = count_events(database), time.perf_counter()
+                    stop = threading.Event()
+                    watcher = threading.Thread(target=watch_lag, args=(database, stop, lags))
+                    if args.with_projector:
+                        watcher.start()
                     load = wrk(url, BODY, key, connections=args.connections, seconds=args.seconds, headers=BYPASS)
                     elapsed = time.perf_counter() - started
+                    stop.set()
+                    if args.with_projector:
+                        watcher.join()
                     load["events_per_s"] = (count_events(database) - before) / elapsed
                     light = paced(url, BODY, key, headers=BYPASS)
                     results[label] = (load, light)
                 rss = tree_peak_rss_mb(server.pid)
+                if args.with_projector:
+                    time.sleep(3)
+                    head, final_lag = projection_lag(database)
         print(f"\nload: wrk, {args.connections} connections, {args.seconds} s; light: one client at 50 req/s")
         print(row("baseline: fake upstream direct, load", direct))
         print(row("baseline: fake upstream direct, light", direct_light))
@@ -81,6 +119,10 @@ def main() -> int:
         print(f"\nrate limiting + plan lookup: p50 {on_light['p50_ms'] - off_light['p50_ms']:+.3f} ms at light load, "
               f"throughput {100 * (on_load['rps'] / off_load['rps'] - 1):+.1f} % under load")
         print(f"FILA server peak RSS ({args.workers} workers + supervisor): {rss:.0f} MB")
+        if args.with_projector:
+            print(f"projector (fila projections run, its own process, all views): lag sampled each second "
+                  f"under load max {max(lags, default=0):,} events, median {sorted(lags)[len(lags) // 2] if lags else 0:,}; "
+                  f"3 s after the load {final_lag:,} of {head:,} events")
     finally:
         drop_database(database)
     return 0
