@@ -34,6 +34,7 @@ from fila.services.routing import Router
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 log = structlog.get_logger("fila.request")
+INFLIGHT_WAIT_S = 120.0   # longest wait behind a concurrent attempt with the same Idempotency-Key
 
 
 @dataclass(slots=True)
@@ -221,7 +222,13 @@ class Gateway:
     async def _replayable(self, ctx: RequestContext, entry_id: UUID) -> LedgerEntry | None:
         """The committed answer of an earlier attempt with this Idempotency-Key, if any."""
         while (pending := self._inflight.get(entry_id)) is not None:
-            await asyncio.shield(pending)
+            try:
+                await asyncio.wait_for(asyncio.shield(pending), timeout=INFLIGHT_WAIT_S)
+            except TimeoutError:
+                # an attempt that never finished (a stream whose client left before it began):
+                # its claim is stale, take it over; the store's uniqueness still bills once
+                if self._inflight.get(entry_id) is pending:
+                    self._release(entry_id)
         # claim the key before the next await: concurrent attempts now wait for this one
         self._inflight[entry_id] = asyncio.get_running_loop().create_future()
         try:

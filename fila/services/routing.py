@@ -82,32 +82,10 @@ class Router:
 
     async def complete(self, model: str, messages: list, extra: dict[str, Any]) -> tuple[Any, Route]:
         """Call the first healthy route; returns (reply, route used)."""
-        failure: UpstreamError | None = None
-        retry_after: float | None = None
-        for route in self.routes(model):
-            try:
-                permit = route.breaker.acquire()
-            except CircuitOpenError as error:
-                retry_after = error.retry_after if retry_after is None else min(retry_after, error.retry_after)
-                continue
-            try:
-                reply = await route.upstream.complete(route.model, messages, extra)
-            except UpstreamClientError:
-                permit.neutral()
-                raise
-            except UpstreamError as error:
-                permit.failure()
-                failure = error
-                continue
-            except BaseException:
-                permit.release()
-                raise
-            permit.success()
-            return reply, route
-        if failure is not None:
-            raise failure
-        raise UpstreamUnavailable("the upstream is unavailable (circuit open); retry later",
-                                  retry_after=retry_after or 1.0)
+        reply, route, permit = await self._first_healthy(
+            model, lambda route: route.upstream.complete(route.model, messages, extra))
+        permit.success()
+        return reply, route
 
     async def open_stream(self, model: str, messages: list, extra: dict[str, Any]) -> tuple[Any, Any, Route, Any]:
         """Open a stream on the first healthy route.
@@ -115,6 +93,15 @@ class Router:
         Returns (context manager, line iterator, route, permit); the caller must close the
         context manager and settle the permit when the stream ends.
         """
+        async def enter(route: Route) -> tuple[Any, Any]:
+            manager = route.upstream.stream(route.model, messages, extra)
+            return manager, await manager.__aenter__()
+
+        (manager, lines), route, permit = await self._first_healthy(model, enter)
+        return manager, lines, route, permit
+
+    async def _first_healthy(self, model: str, call: Callable[[Route], Any]) -> tuple[Any, Route, Any]:
+        """``call`` on each route in turn: skip an open circuit, move on after a failure."""
         failure: UpstreamError | None = None
         retry_after: float | None = None
         for route in self.routes(model):
@@ -123,9 +110,8 @@ class Router:
             except CircuitOpenError as error:
                 retry_after = error.retry_after if retry_after is None else min(retry_after, error.retry_after)
                 continue
-            manager = route.upstream.stream(route.model, messages, extra)
             try:
-                lines = await manager.__aenter__()
+                result = await call(route)
             except UpstreamClientError:
                 permit.neutral()
                 raise
@@ -136,7 +122,7 @@ class Router:
             except BaseException:
                 permit.release()
                 raise
-            return manager, lines, route, permit
+            return result, route, permit
         if failure is not None:
             raise failure
         raise UpstreamUnavailable("the upstream is unavailable (circuit open); retry later",
