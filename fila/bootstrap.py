@@ -151,6 +151,7 @@ class Container:
             await self.fallback.close()
         await asyncio.to_thread(self.stop_projector)
         await asyncio.to_thread(self.batcher.close)
+        await asyncio.to_thread(self.store.close)       # the event store's connection pool
         if self.redis is not None:
             await self.redis.aclose()
 

@@ -100,5 +100,26 @@ def running_fila(settings: Any, container: Any = None) -> Iterator[ServerHandle]
         handle.stop()
 
 
+def ledger_events(server: ServerHandle, topic: str, limit: int = 100_000) -> list[dict[str, Any]]:
+    """Every event of ``topic`` in the server's store, decoded, with its aggregate id as ``id``."""
+    import msgspec
+
+    notes = server.container.store.recorder.select_notifications(
+        start=0, limit=limit, topics=[topic], inclusive_of_start=False)
+    return [dict(msgspec.json.decode(n.state), id=str(n.originator_id)) for n in notes]
+
+
+def wait_for(probe: Any, timeout: float = 5.0, what: str = "the condition") -> Any:
+    """Poll ``probe`` until it returns something truthy (bounded, never a fixed sleep); return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
 def run(coro: Any) -> Any:
     return asyncio.run(coro)

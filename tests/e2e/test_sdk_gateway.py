@@ -21,7 +21,8 @@ import pytest
 
 from fila.adapters.fake_upstream import FakeUpstream
 from fila.config import load_settings
-from tests.support import ServerHandle, free_port, running_fila
+from tests.support import ServerHandle, free_port, running_fila, wait_for
+from tests.support import ledger_events as log
 
 ADMIN = "admin-" + uuid.uuid4().hex
 MODEL = "gpt-4.1-nano"
@@ -68,22 +69,8 @@ def sdk(server: ServerHandle, secret: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=secret, max_retries=0, timeout=10)
 
 
-def log(server: ServerHandle, topic: str) -> list[dict[str, Any]]:
-    notes = server.container.store.recorder.select_notifications(
-        start=0, limit=10_000, topics=[topic], inclusive_of_start=False)
-    return [dict(msgspec.json.decode(n.state), id=str(n.originator_id)) for n in notes]
 
 
-def wait_for(probe: Callable[[], Any], timeout: float = 5.0, what: str = "the condition") -> Any:
-    """Poll ``probe`` until it returns something truthy (bounded); return it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def assert_openai_error_shape(answer: httpx.Response, status: int) -> dict[str, Any]:

@@ -7,17 +7,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
-import msgspec
 import pytest
 import redis
 
 from fila.config import load_settings
-from tests.support import ServerHandle, running_fila
+from tests.support import ServerHandle, running_fila, wait_for
+from tests.support import ledger_events as log
 
 ADMIN = "admin-" + uuid.uuid4().hex
 MODEL = "gpt-4.1-nano"
@@ -66,21 +66,8 @@ def client(server: ServerHandle, secret: str, method: str, path: str, **kwargs: 
                          timeout=10, **kwargs)
 
 
-def log(server: ServerHandle, topic: str) -> list[dict[str, Any]]:
-    notes = server.container.store.recorder.select_notifications(
-        start=0, limit=100_000, topics=[topic], inclusive_of_start=False)
-    return [dict(msgspec.json.decode(n.state), id=str(n.originator_id)) for n in notes]
 
 
-def wait_for(probe: Callable[[], Any], timeout: float = 5.0, what: str = "the condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def knows_key(server: ServerHandle, key_id: str) -> None:

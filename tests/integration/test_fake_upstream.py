@@ -3,7 +3,6 @@ where the bytes on the wire are the point). Each test starts its own fake on a f
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import os
