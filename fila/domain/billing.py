@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from math import gcd
 from typing import Any
 
 from fila.domain.cycles import Period, ensure_utc
@@ -156,11 +157,38 @@ class UsageOutcome:
 
 @dataclass(slots=True)
 class _Overage:
+    """One overage line. Requests add tokens to ``pending``; ``settle`` folds them into ``cost``.
+
+    ``cost`` is the exact ``Decimal`` sum of the per-request costs, digit for digit (its exponent
+    too, as ``str`` shows it): the sum of ``price.cost(t)`` over requests equals ``price.cost(sum t)``
+    (exact and linear) and its exponent is the least of the terms', which is that of
+    ``price.cost(gcd of the t)`` (a cost's exponent grows with the trailing zeros of ``t x price``).
+    """
+
     kind: str
     description: str
     tokens: int = 0
-    cost: Decimal = Decimal(0)
-    rounded: int = 0  # round_line(cost) in minor units, kept with cost
+    cost: Decimal = Decimal(0)   # settled: the exact sum of the costs of the tokens not pending
+    rounded: int = 0             # round_line(cost) in minor units, kept with cost
+    price: UnitPrice | None = None  # the price of the pending tokens
+    pending: int = 0             # tokens added since the last settle
+    pending_gcd: int = 0         # gcd of those requests' token counts (fixes the sum's exponent)
+
+    def settle(self) -> int:
+        """Bring ``cost`` and ``rounded`` up to date; the change of ``rounded``."""
+        if not self.pending:
+            return 0
+        price, pending = self.price, self.pending
+        assert price is not None
+        if pending == self.pending_gcd:   # one request: the plain running sum
+            cost = EXACT.add(self.cost, price.cost(pending))
+        else:
+            exponent = min(self.cost.as_tuple().exponent, price.cost(self.pending_gcd).as_tuple().exponent)
+            cost = EXACT.add(self.cost, price.cost(pending)).quantize(Decimal(1).scaleb(exponent), context=EXACT)
+        self.cost, self.pending, self.pending_gcd = cost, 0, 0
+        rounded = round_minor(cost)
+        change, self.rounded = rounded - self.rounded, rounded
+        return change
 
 
 @dataclass(slots=True)
