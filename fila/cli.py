@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _print_demo(settings: Settings, secret: str, upstream: str) -> None:
     base = f"http://{settings.host}:{settings.port}"
     print(f"""
-FILA is starting on {base} (embedded default: {settings.database_url}, fake upstream at {upstream})
+FILA is starting on {base} (event store: {settings.database_url}; no OPENAI_API_KEY, so the built-in fake upstream at {upstream})
 admin token: {settings.admin_token}
 demo API key: {secret}
 

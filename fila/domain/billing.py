@@ -214,9 +214,10 @@ class CycleBill:
         self.overage_input_tokens = self.overage_output_tokens = 0
         # caches: the segments' figures (None: recompute), the sums of the rounded lines, line keys
         self._derived: _Derived | None = None
-        self._overage_minor = 0
+        self._overage_minor = 0   # the rounded overage lines, as of the last settle
         self._adjustments_minor = 0
-        self._line_keys: dict[tuple[str, str, int, Decimal], tuple[str, str]] = {}
+        self._unsettled: list[_Overage] = []   # lines with pending tokens
+        self._line_keys: dict[tuple[str, str, int, Decimal], _Overage] = {}
 
     def set_terms(self, terms: Terms, effective_at: datetime) -> None:
         """Terms in force from ``effective_at`` (clamped to the cycle start) to the cycle end."""
@@ -241,32 +242,47 @@ class CycleBill:
 
     def add(self, usage: Usage, terms: Terms) -> UsageOutcome:
         """Bill one request under ``terms``, the terms in force at ``usage.at``."""
-        if not self.period.start <= usage.at < self.period.end:   # a Usage's time is UTC already
-            raise ValueError(f"usage at {usage.at.isoformat()} is outside the cycle {self.period}")
+        bill_in, bill_out, inc_in, inc_out, remaining = self.tally(
+            usage.at, usage.input_tokens, usage.output_tokens, usage.cache_hit, terms)
+        over_in, over_out = bill_in - inc_in, bill_out - inc_out
+        return UsageOutcome(
+            usage.entry_id, bill_in, bill_out, inc_in, inc_out, over_in, over_out,
+            terms.input_price.cost(over_in), terms.output_price.cost(over_out),
+            self.included_used, remaining - inc_in - inc_out, self.total(),
+        )
+
+    def tally(self, at: datetime, input_tokens: int, output_tokens: int, cache_hit: bool,
+              terms: Terms) -> tuple[int, int, int, int, int]:
+        """``add`` without making the ``Usage`` nor the outcome (the billing view's hot path).
+
+        The caller vouches for what ``Usage`` checks: ``at`` is UTC, the counts non-negative ints.
+        Returns the billable and included tokens (input, output) and the allowance left before.
+        """
+        if not self.period.start <= at < self.period.end:
+            raise ValueError(f"usage at {at.isoformat()} is outside the cycle {self.period}")
         if not self._segments:
             raise ValueError("no terms in force: call set_terms first")
         self._check_currency(terms.currency)
-        bill_in = terms.billable(usage.input_tokens, usage.cache_hit)
-        bill_out = terms.billable(usage.output_tokens, usage.cache_hit)
-        remaining = self.included_remaining
+        bill_in = terms.billable(input_tokens, cache_hit)
+        bill_out = terms.billable(output_tokens, cache_hit)
+        remaining = max(0, (self._derived or self._figures()).included_tokens - self.included_used)
         inc_in = min(bill_in, remaining)
         inc_out = min(bill_out, remaining - inc_in)
         over_in, over_out = bill_in - inc_in, bill_out - inc_out
-        cost_in = self._charge("overage_input", terms, terms.input_price, over_in)
-        cost_out = self._charge("overage_output", terms, terms.output_price, over_out)
+        if over_in:
+            self._charge("overage_input", terms, terms.input_price, over_in)
+        if over_out:
+            self._charge("overage_output", terms, terms.output_price, over_out)
         self.requests += 1   # the _COUNTERS
-        self.cache_hits += int(usage.cache_hit)
-        self.input_tokens += usage.input_tokens
-        self.output_tokens += usage.output_tokens
+        self.cache_hits += int(cache_hit)
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
         self.billable_input_tokens += bill_in
         self.billable_output_tokens += bill_out
         self.included_used += inc_in + inc_out
         self.overage_input_tokens += over_in
         self.overage_output_tokens += over_out
-        return UsageOutcome(
-            usage.entry_id, bill_in, bill_out, inc_in, inc_out, over_in, over_out, cost_in, cost_out,
-            self.included_used, remaining - inc_in - inc_out, self.total(),
-        )
+        return bill_in, bill_out, inc_in, inc_out, remaining
 
     def adjust(self, amount: Money, reason: str, at: datetime) -> None:
         """A late correction line (a credit if negative); ``at`` may fall after the cycle end."""
@@ -308,6 +324,7 @@ class CycleBill:
             when = f"{seg.start:%Y-%m-%d %H:%M} to {seg.end:%Y-%m-%d %H:%M} UTC{share}"
             amount = terms.monthly_price.prorate(seg.microseconds, self.period.microseconds)
             result.append(Line("base", f"{terms.plan_slug} v{terms.plan_version} base fee {when}", 1, amount))
+        self._settle()
         for o in self._overage.values():
             result.append(Line(o.kind, o.description, o.tokens, round_line(o.cost, self.currency)))
         result.extend(Line("adjustment", reason, 1, amount) for amount, reason, _ in self._adjustments)
@@ -320,10 +337,12 @@ class CycleBill:
     @property
     def total_minor(self) -> int:
         """``total().amount_minor``, without making the Money (a running total per request is cheap)."""
+        self._settle()
         return self._figures().base_minor + self._overage_minor + self._adjustments_minor
 
     def to_state(self) -> dict[str, Any]:
         """JSON-native running state (str/int/list/dict only) to store in a projection row."""
+        self._settle()
         return {
             "version": STATE_VERSION, "currency": self.currency,
             "period": [self.period.start.isoformat(), self.period.end.isoformat()],
@@ -356,21 +375,29 @@ class CycleBill:
         if currency != self.currency:
             raise CurrencyMismatch(f"a {self.currency} bill cannot take {currency} amounts")
 
-    def _charge(self, kind: str, terms: Terms, price: UnitPrice, tokens: int) -> Decimal:
-        """Exact cost of ``tokens`` overage tokens, added to its line's running sum."""
-        cost = price.cost(tokens)
-        if tokens:
-            names = self._line_keys.get((kind, terms.plan_id, terms.plan_version, price.per_million))
-            if names is None:
-                names = self._line_keys[(kind, terms.plan_id, terms.plan_version, price.per_million)] = (
-                    f"{kind}|{terms.plan_id}|{terms.plan_version}|{price.to_str()}",
-                    f"{terms.plan_slug} v{terms.plan_version} {kind.removeprefix('overage_')} overage at {price}")
-            acc = self._overage.get(names[0])
+    def _charge(self, kind: str, terms: Terms, price: UnitPrice, tokens: int) -> None:
+        """Add ``tokens`` (> 0) overage tokens to their line; their cost is summed at the next settle."""
+        key = (kind, terms.plan_id, terms.plan_version, price.per_million)
+        acc = self._line_keys.get(key)
+        if acc is None:
+            name = f"{kind}|{terms.plan_id}|{terms.plan_version}|{price.to_str()}"
+            acc = self._overage.get(name)
             if acc is None:
-                acc = self._overage[names[0]] = _Overage(kind, names[1])
-            acc.tokens += tokens
-            acc.cost = EXACT.add(acc.cost, cost)
-            rounded = round_minor(acc.cost)
-            self._overage_minor += rounded - acc.rounded
-            acc.rounded = rounded
-        return cost
+                acc = self._overage[name] = _Overage(
+                    kind, f"{terms.plan_slug} v{terms.plan_version} {kind.removeprefix('overage_')} overage at {price}")
+            self._line_keys[key] = acc
+        if not acc.pending:
+            self._unsettled.append(acc)
+            acc.price = price
+        elif acc.price is not price:   # pending tokens share one price object (and so one exponent)
+            self._overage_minor += acc.settle()
+            acc.price = price
+        acc.tokens += tokens
+        acc.pending += tokens
+        acc.pending_gcd = gcd(acc.pending_gcd, tokens)
+
+    def _settle(self) -> None:
+        """Sum the pending tokens' costs into their lines (exactly as request by request)."""
+        for acc in self._unsettled:
+            self._overage_minor += acc.settle()
+        self._unsettled.clear()
