@@ -43,7 +43,7 @@ Idempotency-Key), so it is billed once.
 from __future__ import annotations
 
 import heapq
-from functools import lru_cache
+from functools import lru_cache, partial
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -97,7 +97,7 @@ def _time(value: Any) -> datetime | None:
 def _getter(state: Any) -> Callable[[str, Any], Any]:
     if isinstance(state, Mapping):
         return state.get
-    return lambda name, default=None: getattr(state, name, default)
+    return partial(getattr, state)   # get(name, default) -> getattr(state, name, default), in C
 
 
 def _count(value: Any) -> int:
@@ -121,9 +121,11 @@ class PlanTerms:
     def __init__(self) -> None:
         self.versions: dict[str, list[PlanVersion]] = {}
         self._terms: dict[tuple[str, int], Terms | None] = {}
+        self._by_version: dict[tuple[str, int], Terms | None] = {}   # terms_of_version, until the next add
 
     def add(self, plan_id: str, version: int, at: datetime, slug: str, terms: dict[str, Any]) -> PlanVersion:
         record = PlanVersion(version, at, slug, terms)
+        self._by_version.clear()
         versions = self.versions.setdefault(plan_id, [])
         versions.append(record)
         versions.sort(key=lambda v: v.version)
@@ -146,11 +148,15 @@ class PlanTerms:
 
     def terms_of_version(self, plan_id: str, version: int) -> Terms | None:
         """The terms of ``version`` (the latest version at or below it that is known)."""
+        key = (plan_id, version)
+        if key in self._by_version:
+            return self._by_version[key]
         chosen = None
         for record in self.versions.get(plan_id, ()):
             if record.version <= version:
                 chosen = record
-        return self._of(plan_id, chosen, chosen.version) if chosen else None
+        terms = self._by_version[key] = self._of(plan_id, chosen, chosen.version) if chosen else None
+        return terms
 
     def terms_at(self, plan_id: str, moment: datetime) -> Terms | None:
         """The terms of the version in force at ``moment`` by edit time (the first version before it existed)."""
@@ -513,7 +519,7 @@ class BillingFold:
 
     def _recorded(self, position: int, entry_id: str, state: Any, version: int | None) -> None:
         get = _getter(state)
-        at = _time(get("at", None))
+        at = self._request_time(get("at", None))
         if at is None:
             return
         if self.watermark is None or at > self.watermark:
@@ -522,6 +528,10 @@ class BillingFold:
         if get("outcome", None) in BILLABLE_OUTCOMES and assignment_id and plan_id:
             self._bill(position, entry_id, at, get, assignment_id, plan_id)
         self._close_due(position)
+
+    def _request_time(self, text: Any) -> datetime | None:
+        """A ``Recorded`` event's ``at`` as a UTC datetime (None: not a time)."""
+        return _time(text)
 
     def _index_of(self, assignment: AssignmentState, at: datetime) -> int:
         """``cycle_index(assignment.starts_at, at)``, remembering the last cycle's bounds per assignment
@@ -533,6 +543,10 @@ class BillingFold:
         period = cycle_by_index(assignment.starts_at, index)
         self._spans[assignment.id] = (period.start, period.end, index, assignment.starts_at)
         return index
+
+    def cycle_id_at(self, assignment: AssignmentState, at: datetime) -> str:
+        """The id of ``assignment``'s cycle holding ``at`` (at or after its start)."""
+        return _cycle_id(assignment.id, self._index_of(assignment, at))
 
     def _bill(self, position: int, entry_id: str, at: datetime, get: Callable[[str, Any], Any],
               assignment_id: str, plan_id: str) -> None:
@@ -557,6 +571,10 @@ class BillingFold:
         try:
             if terms is None:
                 raise ValueError(f"plan {plan_id} version {version} is unknown")
+            if self._contribute is None and cycle.status == OPEN and entry_id:   # the view: no outcome needed
+                cycle.bill.tally(at, _count(get("prompt_tokens", 0)), _count(get("completion_tokens", 0)),
+                                 get("cache", "none") == "hit", terms)
+                return
             usage = Usage(entry_id, at, _count(get("prompt_tokens", 0)), _count(get("completion_tokens", 0)),
                           get("cache", "none") == "hit")
             if cycle.status == OPEN:

@@ -28,10 +28,10 @@ from typing import Any
 import msgspec
 
 from fila.domain.billing import CycleBill
-from fila.domain.billing_cycle import TOPIC_CLOSED, cycle_id_for
+from fila.domain.billing_cycle import TOPIC_CLOSED
 from fila.domain.billing_fold import (ASSIGNMENT_TOPICS, PLAN_CHANGED, TOPICS, AssignmentState, BillingFold,
                                       CycleState, figures, micros)
-from fila.domain.cycles import Period, cycle_index
+from fila.domain.cycles import Period
 from fila.domain.ledger import BILLABLE_OUTCOMES, RECORDED_TOPIC
 from fila.domain.time import iso, parse_iso
 from fila.projections.db import Tx
@@ -187,6 +187,7 @@ class TableFold(BillingFold):
         self._dirty_assignments: dict[str, AssignmentState] = {}
         self._stored_versions: set[tuple[str, int]] = set()
         self._stored_watermark: datetime | None = None
+        self._times: dict[str, datetime] = {}   # the page's request times, parsed once by preload
 
     # -- hooks ---------------------------------------------------------------------------------------
 
@@ -198,6 +199,9 @@ class TableFold(BillingFold):
     def _load_cycle(self, cycle_id: str) -> CycleState | None:
         row = self.tx.fetchone(f"SELECT {', '.join(CYCLE_COLUMNS)} FROM {self.t_cycles} WHERE id = ?", (cycle_id,))
         return cycle_from_row(row) if row else None
+
+    def _request_time(self, text: Any) -> datetime | None:
+        return self._times.get(text) or super()._request_time(text)
 
     def _mark(self, obj: AssignmentState | CycleState) -> None:
         if isinstance(obj, CycleState):
@@ -238,7 +242,7 @@ class TableFold(BillingFold):
             if note.topic == RECORDED_TOPIC:
                 state = note.state
                 try:
-                    at = parse_iso(state.at.replace("Z", "+00:00"))
+                    at = self._times[state.at] = parse_iso(state.at.replace("Z", "+00:00"))
                 except ValueError:
                     continue
                 latest = at if latest is None or at > latest else latest
@@ -257,7 +261,7 @@ class TableFold(BillingFold):
         for assignment_id, at in entries:
             assignment = self.assignments.get(assignment_id)
             if assignment is not None and at >= assignment.starts_at:
-                cycle_ids.add(str(cycle_id_for(assignment_id, cycle_index(assignment.starts_at, at))))
+                cycle_ids.add(self.cycle_id_at(assignment, at))
         for chunk in _chunks(i for i in cycle_ids if i not in self.cycles):
             self._load_cycles(f"id IN ({', '.join('?' * len(chunk))})", chunk)
         for chunk in _chunks(changed):
