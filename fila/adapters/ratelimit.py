@@ -8,10 +8,8 @@ boundary and again just after it, a burst of up to 2x the limit within one windo
 
 ``check`` refuses if a request window is full or this minute's tokens already reached
 ``tokens_per_minute``; a refusal consumes nothing. Tokens are known only once the upstream
-answers, so ``add_tokens`` owes them to the minute's counter: the debt rides on the key's next
-``check`` (the same script call) or is sent alone after ``TOKEN_FLUSH_S``. A token limit refuses
-the *next* request once the minute's tokens reach it (across processes, within 50 ms).
-Windows follow the gateway's clock (keep hosts NTP-synced). Keys
+answers, so ``add_tokens`` adds them afterwards: a token limit refuses the *next* request once
+the minute's tokens reach it. Windows follow the gateway's clock (keep hosts NTP-synced). Keys
 ``{prefix}:{{key_id}}:{m|h|d|t}:{window_start}`` share a Redis Cluster slot via the hash tag.
 
 Failure policy: fail open to per-process limits. If Redis errors or is slow, an in-process
@@ -44,22 +42,15 @@ TOKENS = "tokens_per_minute"
 TTL_MARGIN_S = 5  # counters outlive their window a little, so clock skew never resets one early
 WARN_EVERY_S = 10.0
 REDIS_RETRY_S = 1.0
-TOKEN_FLUSH_S = 0.05  # tokens owed to Redis wait at most this long for the key's next check
 # rule -> (window seconds, key code); request rules shortest window first
 _WINDOWS = {"requests_per_minute": (MINUTE, "m"), "requests_per_hour": (HOUR, "h"),
             "requests_per_day": (DAY, "d"), TOKENS: (MINUTE, "t")}
 
 # KEYS[1..n]: request counters, KEYS[n+1] (optional): this minute's token counter. ARGV[1] = n,
-# ARGV[1+i] = TTL of KEYS[i] (i <= n), ARGV[1+n+i] = limit of KEYS[i] (i <= n+1), then (optional)
-# tokens this process still owes the token counter and its TTL, added before the check. Returns
+# ARGV[1+i] = TTL of KEYS[i] (i <= n), ARGV[1+n+i] = limit of KEYS[i] (i <= n+1). Returns
 # {refused 0/1, counter values...}: request counters after the INCR if admitted, else untouched.
 _CHECK_LUA = """
 local n, refused, counts = tonumber(ARGV[1]), 0, {}
-local owed = tonumber(ARGV[n + #KEYS + 2] or '0')
-if owed > 0 and #KEYS > n then
-  local v = redis.call('INCRBY', KEYS[n + 1], owed)
-  if v == owed then redis.call('EXPIRE', KEYS[n + 1], ARGV[n + #KEYS + 3]) end
-end
 for i = 1, #KEYS do
   counts[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
   if counts[i] >= tonumber(ARGV[1 + n + i]) then refused = 1 end
@@ -281,8 +272,6 @@ class RateLimiter:
         self._check_script = redis.register_script(_CHECK_LUA)  # sha computed locally, no I/O
         self._tokens_script = redis.register_script(_ADD_TOKENS_LUA)
         self._scripts = _Coalescer(redis)
-        self._owed: dict[str, tuple[str, int, float]] = {}   # key id -> (token counter, tokens unsent, when)
-        self._tasks: set[asyncio.Task] = set()
         self._skip_redis_until, self._next_warning_at, self._failures = 0.0, 0.0, 0
 
     def _redis_skipped(self) -> bool:  # reads the clock only while Redis is failing
@@ -309,15 +298,10 @@ class RateLimiter:
         keys = [f"{base}{code}:{int(now // seconds) * seconds}" for _, _, seconds, code in windows]
         args = [len(limits.rules), *(_ttl(now, seconds) for _, _, seconds, _ in limits.rules),
                 *(limit for _, limit, _, _ in windows)]
-        owed = self._take_owed(key_id, keys[-1]) if limits.tokens_per_minute is not None else 0
-        if owed:
-            args += [owed, _ttl(now, MINUTE)]
         try:
             async with asyncio.timeout(self._timeout_s):
                 reply = await self._scripts.call(self._check_script, keys, args)
         except (RedisError, OSError) as exc:  # OSError: TimeoutError, ConnectionError
-            if owed:
-                self._owe(key_id, keys[-1], owed, now)
             self._redis_failed(exc)
             return self._fallback.check(key_id, limits, now=now, degraded=True)
         self._skip_redis_until = 0.0
@@ -327,50 +311,20 @@ class RateLimiter:
 
     async def add_tokens(self, key_id: str, tokens: int, limits: Limits, *,
                          now: float | None = None) -> None:
-        """Owe a finished request's tokens to this minute's counter (a no-op without a token
-        limit). The debt rides on the key's next ``check`` (no extra round trip) or, if none
-        comes within ``TOKEN_FLUSH_S``, is sent on its own; never raises for Redis trouble."""
+        """Add a finished request's tokens to this minute's counter (a no-op without a token
+        limit); never raises for Redis trouble."""
         if limits.tokens_per_minute is None or tokens <= 0:
             return
         now = self._clock() if now is None else now
         self._fallback.add_tokens(key_id, tokens, now=now)
         if self._redis_skipped():
             return
-        self._owe(key_id, f"{self._prefix}:{{{key_id}}}:t:{window_start(now, MINUTE)}", tokens, now)
-
-    def _owe(self, key_id: str, counter: str, tokens: int, now: float) -> None:
-        previous = self._owed.get(key_id)
-        if previous is not None and previous[0] == counter:
-            tokens += previous[1]
-        elif previous is not None:   # a debt to last minute's counter: settle it on its own
-            self._spawn(self._pay(*previous))
-        self._owed[key_id] = (counter, tokens, now)
-        asyncio.get_running_loop().call_later(TOKEN_FLUSH_S, self._flush_owed, key_id, counter)
-
-    def _take_owed(self, key_id: str, counter: str) -> int:
-        owed = self._owed.get(key_id)
-        if owed is None or owed[0] != counter:
-            return 0
-        del self._owed[key_id]
-        return owed[1]
-
-    def _flush_owed(self, key_id: str, counter: str) -> None:
-        owed = self._owed.get(key_id)
-        if owed is not None and owed[0] == counter:
-            del self._owed[key_id]
-            self._spawn(self._pay(*owed))
-
-    async def _pay(self, counter: str, tokens: int, now: float) -> None:
+        key = f"{self._prefix}:{{{key_id}}}:t:{window_start(now, MINUTE)}"
         try:
             async with asyncio.timeout(self._timeout_s):
-                await self._scripts.call(self._tokens_script, [counter], [tokens, _ttl(now, MINUTE)])
+                await self._scripts.call(self._tokens_script, [key], [tokens, _ttl(now, MINUTE)])
         except (RedisError, OSError) as exc:
             self._redis_failed(exc)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def rebuild(self, key_id: str, events: Iterable[tuple[float, int]], limits: Limits,
                       *, now: float | None = None) -> dict[str, int]:

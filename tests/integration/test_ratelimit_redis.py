@@ -127,14 +127,7 @@ async def test_token_limit_refuses_after_add_tokens_reaches_it(limiter, client, 
     first = await limiter.check("k", limits, now=T0 + 1)
     assert (first.allowed, first.remaining_tokens, first.counts[TOKENS]) == (True, 1000, 0)
     await limiter.add_tokens("k", 600, limits, now=T0 + 2)
-    # the tokens are owed, then sent on their own within TOKEN_FLUSH_S when no check carries them
-    counter = f"{prefix}:{{k}}:t:{int(T0)}"
-    for _ in range(100):
-        if await client.get(counter) is not None:
-            break
-        await asyncio.sleep(0.01)
-    assert int(await client.get(counter)) == 600
-    assert MINUTE - 2 <= await client.ttl(counter) <= MINUTE + 5
+    assert MINUTE - 2 <= await client.ttl(f"{prefix}:{{k}}:t:{int(T0)}") <= MINUTE + 5
     second = await limiter.check("k", limits, now=T0 + 3)
     assert second.allowed and second.remaining_tokens == 400
     await limiter.add_tokens("k", 400, limits, now=T0 + 4)
@@ -360,15 +353,3 @@ async def test_concurrent_checks_share_one_pipeline_and_survive_a_script_flush()
         assert not any(d.degraded for d in decisions)
     finally:
         await client.aclose()
-
-
-async def test_owed_tokens_ride_on_the_next_check(limiter, client, prefix):
-    """A check right after add_tokens carries the debt in the same script call: the counter
-    shows the tokens and the decision counts them, with no separate round trip."""
-    limits = Limits(requests_per_minute=100, tokens_per_minute=1000)
-    now = T0 + 5
-    await limiter.check("k2", limits, now=now)
-    await limiter.add_tokens("k2", 1000, limits, now=now)
-    refused = await limiter.check("k2", limits, now=now)
-    assert (refused.allowed, refused.rule, refused.counts[TOKENS]) == (False, TOKENS, 1000)
-    assert int(await client.get(f"{prefix}:{{k2}}:t:{int(T0)}")) == 1000
