@@ -40,18 +40,8 @@ def serve(database_url: str, upstream_base_url: str, **overrides: Any) -> Iterat
     settings = load_settings({}, database_url=database_url, upstream_base_url=upstream_base_url,
                              openai_api_key="sk-upstream", admin_token=ADMIN, log_level="warning",
                              **overrides)
-    with running_fila(settings) as handle:
-        try:
-            yield handle
-        finally:
-            # Container.stop leaves its database pools open until the garbage collector runs: close
-            # them, or a suite of servers holds dozens of PostgreSQL connections
-            handle.stop()
-            if not handle._thread.is_alive():  # a server stuck on a hung request still uses them
-                handle.container.store.close()
-                projections = getattr(handle.container, "projections_db", None)
-                if projections is not None:
-                    projections.close()
+    with running_fila(settings) as handle:   # Container.stop closes its database pools
+        yield handle
 
 
 def admin(server: ServerHandle, method: str, path: str, **kwargs: Any) -> httpx.Response:

@@ -32,18 +32,8 @@ def body(text: str = "hello", **extra: Any) -> dict[str, Any]:
 
 @contextmanager
 def fila_server(settings: Any) -> Iterator[ServerHandle]:
-    """``running_fila``, then its database pools closed: Container.stop leaves them open until the
-    garbage collector runs, and a suite of servers would otherwise hold dozens of connections."""
-    with running_fila(settings) as handle:
-        try:
-            yield handle
-        finally:
-            handle.stop()
-            if not handle._thread.is_alive():  # a server stuck on a hung request still uses them
-                handle.container.store.close()
-                projections = getattr(handle.container, "projections_db", None)
-                if projections is not None:
-                    projections.close()
+    with running_fila(settings) as handle:   # Container.stop closes its database pools
+        yield handle
 
 
 def entries(server: ServerHandle) -> list[dict[str, Any]]:
