@@ -18,6 +18,7 @@ from uuid import UUID
 
 import msgspec
 import structlog
+from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 
 from fila.domain import ledger
@@ -151,10 +152,8 @@ class Gateway:
         def load() -> LedgerEntry | None:
             try:
                 return self.batcher.store.repository.get(entry_id)
-            except Exception as error:  # AggregateNotFoundError; the store names it differently per version
-                if type(error).__name__ == "AggregateNotFoundError":
-                    return None
-                raise
+            except AggregateNotFoundError:
+                return None
         return await self.batcher.run(load)
 
     # -- non-streamed --------------------------------------------------------------------------
