@@ -14,6 +14,7 @@ from litestar.params import FromPath
 from fila.domain.errors import InvalidRequest
 from fila.domain.time import parse_iso
 from fila.http.admin_keys import _admin, json
+from fila.services.keys import parse_id
 
 
 def _as_of(request: Request) -> str | None:
@@ -30,7 +31,8 @@ def _as_of(request: Request) -> str | None:
 @get("/admin/audit/cycles/{cycle_id:str}", summary="Replay a billing cycle from the raw events; compare with the bill")
 async def replay_cycle(request: Request, cycle_id: FromPath[str]) -> Response:
     container = _admin(request)
-    return json(await container.audit.replay(cycle_id, _as_of(request)))
+    cycle = str(parse_id(cycle_id, "cycle_id"))   # a cycle id is a UUID: anything else is a 400
+    return json(await container.audit.replay(cycle, _as_of(request)))
 
 
 @get("/admin/audit/verify", summary="Check every stored event against the audit hash chain")

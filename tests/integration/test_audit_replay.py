@@ -262,3 +262,22 @@ def test_http_replay_and_verify(monkeypatch: Any) -> None:
                 assert checked["ok"] is True and checked["verified_events"] >= head
     finally:
         traffic.close()
+
+
+def test_a_cycle_id_that_is_not_a_uuid_is_a_400_naming_it(tmp_path):
+    """Found by fuzzing the routes: a NUL byte in the id reached PostgreSQL and answered 500."""
+    import httpx
+
+    from fila.adapters.fake_upstream import FakeUpstream
+    from fila.config import load_settings
+    from tests.support import new_pg_url, running_fila
+
+    with FakeUpstream.start_in_thread() as fake:
+        settings = load_settings({}, database_url=new_pg_url(), upstream_base_url=fake.base_url,
+                                 openai_api_key="x", admin_token="adm")
+        with running_fila(settings) as server:
+            for bad in ("%00", "not-a-cycle"):
+                answer = httpx.get(f"{server.base_url}/admin/audit/cycles/{bad}",
+                                   headers={"authorization": "Bearer adm"}, timeout=10)
+                assert answer.status_code == 400, answer.text
+                assert answer.json()["error"]["field"] == "cycle_id"
