@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
+from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.domain import Aggregate, event
 
@@ -191,14 +191,16 @@ class CacheAction(Aggregate):
         self.conversation_id = conversation_id
 
     @classmethod
-    def purge(cls, api_key_id: str, by: str, at: str) -> CacheAction:
-        return cls._create(cls.Purged, id=uuid4(), api_key_id=api_key_id, by=by, at=at)
+    def purge(cls, action_id: UUID, api_key_id: str, by: str, at: str) -> CacheAction:
+        return cls._create(cls.Purged, id=action_id, api_key_id=api_key_id, by=by, at=at)
 
     @classmethod
-    def delete_entry(cls, api_key_id: str, cache_key: str, by: str, at: str) -> CacheAction:
-        return cls._create(cls.EntryDeleted, id=uuid4(), api_key_id=api_key_id, cache_key=cache_key, by=by, at=at)
+    def delete_entry(cls, action_id: UUID, api_key_id: str, cache_key: str, by: str, at: str) -> CacheAction:
+        return cls._create(cls.EntryDeleted, id=action_id, api_key_id=api_key_id, cache_key=cache_key, by=by,
+                           at=at)
 
     @classmethod
-    def delete_conversation(cls, api_key_id: str, conversation_id: str, by: str, at: str) -> CacheAction:
-        return cls._create(cls.ConversationDeleted, id=uuid4(), api_key_id=api_key_id,
+    def delete_conversation(cls, action_id: UUID, api_key_id: str, conversation_id: str, by: str,
+                            at: str) -> CacheAction:
+        return cls._create(cls.ConversationDeleted, id=action_id, api_key_id=api_key_id,
                            conversation_id=conversation_id, by=by, at=at)

@@ -79,6 +79,7 @@ from fila.domain.errors import Conflict, InvalidRequest, NotFound
 from fila.domain.plans import DEFAULT_CACHE_TTLS
 from fila.domain.time import iso, parse_iso
 from fila.projections import usage
+from fila.services.ids import new_uuid
 from fila.services.chat import ParsedRequest
 from fila.services.ids import new_request_id
 
@@ -559,7 +560,8 @@ class CacheService:
 
     async def delete_conversation(self, ns: str, conversation_id: str) -> dict[str, Any]:
         domain.validate_conversation_id(conversation_id)
-        await self._commit(CacheAction.delete_conversation(ns, conversation_id, f"client:{ns}", self._now()))
+        await self._commit(CacheAction.delete_conversation(new_uuid(), ns, conversation_id, f"client:{ns}",
+                                                           self._now()))
         existed = self.memory.delete(history_memory_key(ns, conversation_id))
         if self.shared is not None:
             try:
@@ -604,7 +606,7 @@ class CacheService:
 
     async def purge(self, api_key_id: str) -> dict[str, Any]:
         """Drop every cached response of a client, in every process (a new key generation)."""
-        await self._commit(CacheAction.purge(api_key_id, "admin", self._now()))
+        await self._commit(CacheAction.purge(new_uuid(), api_key_id, "admin", self._now()))
         self._apply_evictions()
         redis_deleted = None
         if self.shared is not None:
@@ -618,7 +620,7 @@ class CacheService:
     async def delete_entry(self, cache_key: str) -> dict[str, Any]:
         ns, digest = parse_cache_key(cache_key)
         cache_key = f"{ns}.{digest}"
-        await self._commit(CacheAction.delete_entry(ns, cache_key, "admin", self._now()))
+        await self._commit(CacheAction.delete_entry(new_uuid(), ns, cache_key, "admin", self._now()))
         existed = self.memory.delete(cache_key)
         self._apply_evictions()
         if self.shared is not None:
