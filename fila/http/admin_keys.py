@@ -34,7 +34,7 @@ def decode_body(raw: bytes, kind: type, *, allow_empty: bool = False) -> Any:
     except msgspec.ValidationError as error:
         text = str(error)
         field = text.split("`$.", 1)[1].split("`")[0] if "`$." in text else None
-        if field is None and "missing required field" in text:
+        if field is None and ("missing required field" in text or "unknown field" in text):
             field = text.split("`")[1] if "`" in text else None
         raise InvalidRequest(text, param=field, code="invalid_field") from None
     except msgspec.DecodeError as error:

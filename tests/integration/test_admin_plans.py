@@ -386,3 +386,7 @@ def test_stats_follow_real_completions(admin: httpx.Client, server: Any) -> None
     admin.post(f"/admin/assignments/{assignment_of(admin, key['id'])['id']}/suspend", json={"reason": "x"})
     after = admin.get(f"/admin/plans/{plan['slug']}/stats").json()
     assert after["revenue_so_far"]["amount_minor"] == 0 and after["this_cycle"] == body["this_cycle"]
+
+
+def test_an_unknown_field_in_a_key_body_is_a_400_naming_it(admin: httpx.Client) -> None:
+    refused(admin.post("/admin/api-keys", json={"name": "k", "plann": "free"}), 400, "plann")
