@@ -43,3 +43,23 @@ async def test_unknown_secrets_refresh_at_most_once_per_interval(database_url):
                                      for i in range(50)])
     assert results == [None] * 50
     assert reads == 1
+
+
+def test_an_admin_write_through_one_process_is_read_at_once_through_another(pg_url):
+    """A plan created through server A is usable by the very next admin call to server B."""
+    import httpx
+
+    from fila.adapters.fake_upstream import FakeUpstream
+    from fila.config import load_settings
+    from tests.support import running_fila
+
+    with FakeUpstream.start_in_thread() as fake:
+        settings = load_settings({}, database_url=pg_url, upstream_base_url=fake.base_url,
+                                 openai_api_key="x", admin_token="adm", embedded_projector=False)
+        with running_fila(settings) as a, running_fila(settings) as b:
+            auth = {"authorization": "Bearer adm"}
+            slug = f"p-{uuid4().hex[:8]}"
+            made = httpx.post(f"{a.base_url}/admin/plans", json={"slug": slug, "name": "P"}, headers=auth)
+            assert made.status_code == 201, made.text
+            key = httpx.post(f"{b.base_url}/admin/api-keys", json={"name": "k", "plan": slug}, headers=auth)
+            assert key.status_code == 201, key.text
