@@ -3,7 +3,15 @@ from __future__ import annotations
 import pytest
 
 from fila.adapters.fake_upstream import FakeUpstream
-from tests.support import new_pg_url, new_sqlite_url
+from tests.support import drop_created_schemas, new_pg_url, new_sqlite_url
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Each test made its own schema; leave the shared test database as it was found."""
+    try:
+        drop_created_schemas()
+    except Exception as error:  # cleanup must never turn a green run red
+        print(f"(could not drop the test schemas: {error})")
 
 
 @pytest.fixture

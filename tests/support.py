@@ -27,6 +27,9 @@ def ensure_test_database() -> None:
                 pass
 
 
+CREATED_SCHEMAS: list[str] = []
+
+
 def new_pg_url() -> str:
     """A fresh schema in the test database: each test gets its own tables."""
     ensure_test_database()
@@ -34,7 +37,23 @@ def new_pg_url() -> str:
     url = f"postgresql://postgres@127.0.0.1:5432/{PG_TEST_DB}"
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
+    CREATED_SCHEMAS.append(schema)
     return f"{url}?schema={schema}"
+
+
+def drop_created_schemas() -> None:
+    """At the end of a session: drop the schemas it made."""
+    if not CREATED_SCHEMAS:
+        return
+    url = f"postgresql://postgres@127.0.0.1:5432/{PG_TEST_DB}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SET lock_timeout = '2s'")     # a schema still in use is left, not waited for
+        for schema in CREATED_SCHEMAS:
+            try:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            except psycopg.errors.LockNotAvailable:
+                pass
+    CREATED_SCHEMAS.clear()
 
 
 def new_sqlite_url(tmp_path: Any) -> str:
