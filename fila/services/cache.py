@@ -6,8 +6,9 @@ another's response, history or context, whatever the prompts:
 * **Response cache.** Key ``{ns}.{digest}``: ``digest`` is SHA-256 over the namespace, the
   client's purge generation and the request as FILA sends it upstream (model, messages after
   expansion, and every other field of the body) less the fields that do not change the answer:
-  ``EXCLUDED_FROM_KEY`` = ``stream``, ``stream_options`` (a stored answer is served to stream and
-  non-stream clients alike), ``user`` and ``metadata`` (labels for the caller's own bookkeeping).
+  ``stream``, ``stream_options`` (a stored answer is served to stream and non-stream clients
+  alike), ``user`` and ``metadata`` (labels for the caller's own bookkeeping). The hashed bytes
+  are ``ParsedRequest.canonical()``, computed once and shared with the ledger's fingerprint.
   In-process: a bounded LRU (``FILA_CACHE_MEMORY_MB``) in front of Redis; a memory hit never
   touches Redis. In Redis under ``fila:cache:r:{ns}:{digest}``, TTL = the plan's
   ``cache_ttls["response"]`` (1 h by default; 0 turns the layer off for the plan). An entry in
@@ -84,10 +85,8 @@ from fila.services.chat import ParsedRequest
 from fila.services.ids import new_request_id
 
 _encode = msgspec.json.Encoder().encode
-_encode_sorted = msgspec.json.Encoder(order="sorted").encode
 _decode = msgspec.json.Decoder().decode
 
-EXCLUDED_FROM_KEY = frozenset({"stream", "stream_options", "user", "metadata"})
 UNCACHEABLE_FIELDS = ("tools", "tool_choice", "functions", "function_call")
 CACHEABLE_FINISH = frozenset({"stop", "length"})
 
@@ -305,10 +304,8 @@ class CacheService:
     # -- keys --------------------------------------------------------------------------------------
 
     def key_for(self, ns: str, parsed: ParsedRequest) -> str:
-        body = {k: v for k, v in parsed.raw.items() if k not in EXCLUDED_FROM_KEY}
-        body["model"] = parsed.model
         digest = hashlib.sha256(f"{ns}\x1f{self.book.generations.get(ns, 0)}\x1f".encode())
-        digest.update(_encode_sorted(body))
+        digest.update(parsed.canonical())        # the same bytes the ledger's fingerprint hashes
         return f"{ns}.{digest.hexdigest()[:40]}"
 
     def _rkey(self, key: str) -> str:

@@ -40,10 +40,15 @@ _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "functio
 _FILA_ONLY = ("conversation_id",)
 
 
+# fields that never change the answer: left out of the canonical form (fingerprint, cache key)
+NOT_IN_CANONICAL = frozenset({"stream", "stream_options", "user", "metadata"})
+
+
 class ParsedRequest(msgspec.Struct, kw_only=True):
     raw: dict[str, Any]          # the body as sent, less FILA's own fields
     request: ChatRequest
     model: str
+    canonical_bytes: bytes | None = None   # computed once: the ledger's fingerprint and the cache key share it
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -54,10 +59,13 @@ class ParsedRequest(msgspec.Struct, kw_only=True):
         return {k: v for k, v in self.raw.items() if k not in ("model", "messages", "stream")}
 
     def canonical(self) -> bytes:
-        """The request as a stable byte string: sorted keys, no stream flags."""
-        body = {k: v for k, v in self.raw.items() if k not in ("stream", "stream_options")}
-        body["model"] = self.model
-        return msgspec.json.encode(body, order="sorted")
+        """The request as a stable byte string: sorted keys, the model filled in, and none of the
+        fields that do not change the answer (``NOT_IN_CANONICAL``)."""
+        if self.canonical_bytes is None:
+            body = {k: v for k, v in self.raw.items() if k not in NOT_IN_CANONICAL}
+            body["model"] = self.model
+            self.canonical_bytes = msgspec.json.encode(body, order="sorted")
+        return self.canonical_bytes
 
 
 def parse_chat_request(body: bytes, default_model: str) -> ParsedRequest:
