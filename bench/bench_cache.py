@@ -27,7 +27,7 @@ import httpx  # noqa: E402
 from litestar import Litestar, Response, post  # noqa: E402
 
 from bench.common import (count_events, create_key, drop_database, fake_upstream, free_port,  # noqa: E402
-                          fresh_database, machine, paced, process, row, tree_peak_rss_mb, wrk)
+                          fresh_database, machine, paced, row, tree_peak_rss_mb, uvicorn_app, wrk)
 
 BODY = {"model": "gpt-4.1-nano", "messages": [{"role": "user", "content": "Say hello to the cache benchmark."}]}
 ADMIN = "bench-admin-token"
@@ -50,12 +50,6 @@ def baseline_app():
         return Response(await state["redis"].get(key), media_type="application/json")
 
     return Litestar(route_handlers=[cached], on_startup=[connect], debug=False, logging_config=None)
-
-
-def uvicorn(port: int, factory: str, env: dict[str, str], workers: int):
-    return process([sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1", "--port", str(port),
-                    "--workers", str(workers), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
-                    "--log-level", "warning"], env={"FILA_LOG_LEVEL": "warning", **env}, port=port)
 
 
 def tree_cpu_s(pid: int) -> float:
@@ -115,7 +109,7 @@ def main() -> int:
                    "OPENAI_API_KEY": "x", "FILA_ADMIN_TOKEN": ADMIN}
             if args.no_embedded_projector:
                 env["FILA_EMBEDDED_PROJECTOR"] = "false"
-            with uvicorn(fila_port, "fila.bootstrap:app_from_env", env, args.workers) as server:
+            with uvicorn_app(fila_port, "fila.bootstrap:app_from_env", env, args.workers) as server:
                 base = f"http://127.0.0.1:{fila_port}"
                 url = f"{base}/v1/chat/completions"
                 key = create_key(base, ADMIN, "enterprise")
@@ -141,7 +135,7 @@ def main() -> int:
             import redis
 
             redis.Redis.from_url(REDIS_URL).set(baseline_key, cached_body, ex=3600)
-            with uvicorn(baseline_port, "bench.bench_cache:baseline_app", {BASELINE_KEY_ENV: baseline_key},
+            with uvicorn_app(baseline_port, "bench.bench_cache:baseline_app", {BASELINE_KEY_ENV: baseline_key},
                          args.workers) as baseline:
                 burl = f"http://127.0.0.1:{baseline_port}/v1/chat/completions"
                 cpu = tree_cpu_s(baseline.pid)

@@ -91,11 +91,16 @@ def fake_upstream(port: int, latency_ms: float = 0.0):
                     "--latency-ms", str(latency_ms)], port=port)
 
 
-def fila_server(port: int, env: dict[str, str], workers: int = 2):
-    return process([sys.executable, "-m", "uvicorn", "--factory", "fila.bootstrap:app_from_env",
+def uvicorn_app(port: int, factory: str, env: dict[str, str], workers: int = 2):
+    """An ASGI app factory under uvicorn with the flags every bench uses (uvloop, httptools)."""
+    return process([sys.executable, "-m", "uvicorn", "--factory", factory,
                     "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
                     "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"],
                    env={"FILA_LOG_LEVEL": "warning", **env}, port=port)
+
+
+def fila_server(port: int, env: dict[str, str], workers: int = 2):
+    return uvicorn_app(port, "fila.bootstrap:app_from_env", env, workers)
 
 
 def tree_peak_rss_mb(pid: int) -> float:
