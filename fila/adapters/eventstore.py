@@ -3,6 +3,8 @@
 Tables are created on start (idempotent). ``FILA_DATABASE_URL`` picks the backend:
 ``postgresql://user:pass@host:port/db[?schema=NAME]`` or ``sqlite:///path/to/file.db``.
 ``POSTGRES_ENABLE_DB_FUNCTIONS`` stays off: with it on, readers of the log skip events.
+On PostgreSQL the application recorder is ``pg_recorder.OneTripRecorder``: the library's, with
+each save sent in one round trip.
 """
 
 from __future__ import annotations
@@ -16,12 +18,19 @@ from eventsourcing.application import Application
 from fila.config import sqlite_path
 
 TRANSCODER_TOPIC = "fila.adapters.transcoder:MsgspecTranscoder"
+RECORDER_TOPIC = "fila.adapters.pg_recorder:OneTripRecorder"
 
 
 class FilaStore(Application):
     """All of FILA's aggregates live in one application, so one log orders everything."""
 
     name = "fila"
+
+    def close(self) -> None:
+        close_writer = getattr(self.recorder, "close_writer", None)
+        if close_writer is not None:
+            close_writer()
+        super().close()
 
 
 def store_env(database_url: str) -> dict[str, str]:
@@ -39,6 +48,7 @@ def store_env(database_url: str) -> dict[str, str]:
             "POSTGRES_POOL_SIZE": "4",
             "POSTGRES_MAX_OVERFLOW": "4",
             "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
+            "APPLICATION_RECORDER_TOPIC": RECORDER_TOPIC,
         })
         if "schema" in query:
             env["POSTGRES_SCHEMA"] = query["schema"][0]

@@ -1,0 +1,109 @@
+"""The PostgreSQL recorder with a one-round-trip write.
+
+``eventsourcing``'s ``PostgresApplicationRecorder`` writes a batch of events through a psycopg
+pipeline: borrow a pooled connection, then BEGIN, ``SET LOCAL lock_timeout``, ``LOCK TABLE ...
+IN EXCLUSIVE MODE``, NOTIFY, the INSERT, a mid-pipeline sync (so a uniqueness violation surfaces
+as an IntegrityError), the id fetch and COMMIT. On this machine that is ~2.4 ms p50 per save at
+light load, of which a bare durable INSERT is ~0.95 ms: the rest is waits between the client and
+the server and the pool's bookkeeping.
+
+This subclass keeps every statement and its order (so the table lock still makes commit order
+equal id order, and readers of the log never skip an event) but sends them as one simple-query
+message on a connection of its own, held by whichever thread writes (in the gateway, the
+batcher's one writer thread): one round trip per save, ~1.2 ms p50. Values travel as literals
+bound client-side by psycopg (``ClientCursor``), which is what allows several statements in one
+message. Everything else (reads, subscriptions, table creation) is the library's.
+
+Selected with ``APPLICATION_RECORDER_TOPIC`` (see ``eventstore.store_env``); stays off the
+library's database functions (``POSTGRES_ENABLE_DB_FUNCTIONS``), as the brief requires.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from eventsourcing import persistence
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.utils import retry
+from psycopg.pq import TransactionStatus
+from psycopg.sql import SQL, Composed, Identifier
+
+# psycopg's error classes, most specific first, and the store's classes the library raises for them
+_ERRORS = [(getattr(psycopg, name), getattr(persistence, name)) for name in (
+    "InterfaceError", "OperationalError", "DataError", "IntegrityError", "InternalError",
+    "ProgrammingError", "NotSupportedError", "DatabaseError")]
+
+
+def _translate(error: psycopg.Error) -> Exception:
+    for theirs, ours in _ERRORS:
+        if isinstance(error, theirs):
+            return ours(str(error))
+    return persistence.PersistenceError(str(error))
+
+
+class OneTripRecorder(PostgresApplicationRecorder):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        table = SQL("{0}.{1}").format(Identifier(self.datastore.schema), Identifier(self.events_table_name))
+        self._head = Composed([
+            SQL("BEGIN; SET LOCAL lock_timeout = '{0}s'; LOCK TABLE {1} IN EXCLUSIVE MODE; NOTIFY {2}; ").format(
+                self.datastore.lock_timeout, table, Identifier(self.channel_name)),
+            SQL("INSERT INTO {0} (originator_id, originator_version, topic, state) VALUES ").format(table),
+        ]).as_string(None)
+        self._tail = " RETURNING notification_id; COMMIT"
+        self._writer: psycopg.Connection[Any] | None = None
+        self._writer_lock = threading.Lock()
+
+    @retry((persistence.InterfaceError, persistence.OperationalError), max_attempts=10, wait=0.2)
+    def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        if not stored_events:
+            return None
+        query = self._head + ", ".join(["(%s, %s, %s, %s)"] * len(stored_events)) + self._tail
+        params: list[Any] = []
+        for event in stored_events:
+            params += (event.originator_id, event.originator_version, event.topic, event.state)
+        with self._writer_lock:
+            conn = self._connection()
+            try:
+                with psycopg.ClientCursor(conn) as cursor:
+                    cursor.execute(query, params)
+                    while not (cursor.statusmessage or "").startswith("INSERT"):
+                        if not cursor.nextset():
+                            raise persistence.ProgrammingError("the INSERT's result is missing")
+                    ids = [row[0] for row in cursor.fetchall()]
+            except psycopg.Error as error:
+                self._abandon(conn)
+                raise _translate(error) from error
+        if len(ids) != len(stored_events):
+            raise persistence.ProgrammingError(f"got {len(ids)} notification ids for {len(stored_events)} events")
+        return ids
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        conn = self._writer
+        if conn is None or conn.closed or conn.broken:
+            pool = self.datastore.pool
+            try:
+                conn = psycopg.Connection.connect(pool.conninfo, **{**pool.kwargs, "row_factory": psycopg.rows.tuple_row})
+            except psycopg.Error as error:
+                raise _translate(error) from error
+            self.datastore.after_connect_func()(conn)
+            self._writer = conn
+        return conn
+
+    def _abandon(self, conn: psycopg.Connection[Any]) -> None:
+        """After a failed write: roll the transaction back, or drop a connection that cannot."""
+        try:
+            if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                conn.execute("ROLLBACK")
+        except psycopg.Error:
+            conn.close()
+
+    def close_writer(self) -> None:
+        with self._writer_lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
