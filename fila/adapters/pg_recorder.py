@@ -10,9 +10,10 @@ the server and the pool's bookkeeping.
 This subclass keeps every statement and its order (so the table lock still makes commit order
 equal id order, and readers of the log never skip an event) but sends them as one simple-query
 message on a connection of its own, held by whichever thread writes (in the gateway, the
-batcher's one writer thread): one round trip per save, ~1.2 ms p50. Values travel as literals
-bound client-side by psycopg (``ClientCursor``), which is what allows several statements in one
-message. Everything else (reads, subscriptions, table creation) is the library's.
+batcher's one writer thread): one round trip per save, ~1.5 ms p50. A simple query carries no
+parameters, so values are written into the text: UUIDs and ints as themselves, states as hex
+digits, other text quoted by libpq. Everything else (reads, subscriptions, table creation) is
+the library's.
 
 Selected with ``APPLICATION_RECORDER_TOPIC`` (see ``eventstore.store_env``); stays off the
 library's database functions (``POSTGRES_ENABLE_DB_FUNCTIONS``), as the brief requires.
@@ -23,13 +24,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from typing import Any
+from uuid import UUID
 
 import psycopg
 from eventsourcing import persistence
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import retry
-from psycopg.pq import TransactionStatus
+from psycopg.pq import Escaping, TransactionStatus
 from psycopg.sql import SQL, Composed, Identifier
 
 # psycopg's error classes, most specific first, and the store's classes the library raises for them
@@ -57,20 +59,18 @@ class OneTripRecorder(PostgresApplicationRecorder):
         self._tail = " RETURNING notification_id; COMMIT"
         self._writer: psycopg.Connection[Any] | None = None
         self._writer_lock = threading.Lock()
+        self._literals: dict[Any, str] = {}
 
     @retry((persistence.InterfaceError, persistence.OperationalError), max_attempts=10, wait=0.2)
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
         if not stored_events:
             return None
-        query = self._head + ", ".join(["(%s, %s, %s, %s)"] * len(stored_events)) + self._tail
-        params: list[Any] = []
-        for event in stored_events:
-            params += (event.originator_id, event.originator_version, event.topic, event.state)
         with self._writer_lock:
             conn = self._connection()
             try:
-                with psycopg.ClientCursor(conn) as cursor:
-                    cursor.execute(query, params)
+                query = self._statement(conn, stored_events)
+                with conn.cursor() as cursor:
+                    cursor.execute(query)     # no parameters: psycopg sends it as one simple query
                     while not (cursor.statusmessage or "").startswith("INSERT"):
                         if not cursor.nextset():
                             raise persistence.ProgrammingError("the INSERT's result is missing")
@@ -81,6 +81,25 @@ class OneTripRecorder(PostgresApplicationRecorder):
         if len(ids) != len(stored_events):
             raise persistence.ProgrammingError(f"got {len(ids)} notification ids for {len(stored_events)} events")
         return ids
+
+    def _statement(self, conn: psycopg.Connection[Any], stored_events: Sequence[StoredEvent]) -> str:
+        """The whole transaction as text. A UUID and an int print as themselves, the state goes as
+        hex digits through ``decode``; any other text is quoted by libpq (``PQescapeLiteral``)."""
+        quote = self._quote
+        rows = ",".join([
+            f"({quote(conn, event.originator_id)},{int(event.originator_version)},{quote(conn, event.topic)},"
+            f"decode('{event.state.hex()}','hex'))" for event in stored_events])
+        return self._head + rows + self._tail
+
+    def _quote(self, conn: psycopg.Connection[Any], value: Any) -> str:
+        if isinstance(value, UUID):
+            return f"'{value}'"
+        literal = self._literals.get(value)
+        if literal is None:
+            literal = Escaping(conn.pgconn).escape_literal(str(value).encode()).decode()
+            if len(self._literals) < 10_000:      # topics: a handful, remembered
+                self._literals[value] = literal
+        return literal
 
     def _connection(self) -> psycopg.Connection[Any]:
         conn = self._writer
