@@ -273,6 +273,9 @@ class RateLimiter:
         self._tokens_script = redis.register_script(_ADD_TOKENS_LUA)
         self._scripts = _Coalescer(redis)
         self._skip_redis_until, self._next_warning_at, self._failures = 0.0, 0.0, 0
+        self._owed: dict[str, list[int]] = {}               # tokens waiting for this tick's flush
+        self._owed_flushed: asyncio.Future | None = None
+        self._background: set[asyncio.Task] = set()
 
     def _redis_skipped(self) -> bool:  # reads the clock only while Redis is failing
         return bool(self._skip_redis_until) and self._clock() < self._skip_redis_until
@@ -320,11 +323,39 @@ class RateLimiter:
         if self._redis_skipped():
             return
         key = f"{self._prefix}:{{{key_id}}}:t:{window_start(now, MINUTE)}"
+        owed = self._owed.get(key)
+        if owed is None:
+            self._owed[key] = [tokens, _ttl(now, MINUTE)]
+        else:
+            owed[0] += tokens
+        flushed = self._owed_flushed
+        if flushed is None:
+            loop = asyncio.get_running_loop()
+            flushed = self._owed_flushed = loop.create_future()
+            loop.call_soon(self._flush_owed)
         try:
             async with asyncio.timeout(self._timeout_s):
-                await self._scripts.call(self._tokens_script, [key], [tokens, _ttl(now, MINUTE)])
-        except (RedisError, OSError) as exc:
-            self._redis_failed(exc)
+                error = await asyncio.shield(flushed)
+        except TimeoutError as exc:
+            error = exc
+        if error is not None:
+            self._redis_failed(error)
+
+    def _flush_owed(self) -> None:
+        """The tokens added during one loop tick, summed per counter: one INCRBY per key
+        however many requests finished together (a group commit releases dozens at once)."""
+        owed, flushed = self._owed, self._owed_flushed
+        self._owed, self._owed_flushed = {}, None
+        task = asyncio.get_running_loop().create_task(self._send_owed(owed, flushed))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_owed(self, owed: dict[str, list[int]], flushed: asyncio.Future) -> None:
+        calls = [self._scripts.call(self._tokens_script, [key], [tokens, ttl]) for key, (tokens, ttl) in owed.items()]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        failure = next((r for r in results if isinstance(r, (RedisError, OSError))), None)
+        if not flushed.done():
+            flushed.set_result(failure)
 
     async def rebuild(self, key_id: str, events: Iterable[tuple[float, int]], limits: Limits,
                       *, now: float | None = None) -> dict[str, int]:

@@ -122,6 +122,26 @@ async def test_retry_after_and_reset_values(limiter):
     assert not refused.degraded
 
 
+async def test_tokens_finished_together_are_summed_into_one_redis_call_per_counter(limiter, client, prefix):
+    limits = Limits(tokens_per_minute=10**6)
+    calls = []
+    send = limiter._scripts.call
+
+    async def counted(script, keys, args):
+        calls.append((tuple(keys), tuple(args)))
+        return await send(script, keys, args)
+
+    limiter._scripts.call = counted
+    await asyncio.gather(*(limiter.add_tokens("k", n, limits, now=T0 + 1) for n in range(1, 51)),
+                         *(limiter.add_tokens("other", 7, limits, now=T0 + 1) for _ in range(3)))
+    assert sorted((keys, args[0]) for keys, args in calls) == [
+        ((f"{prefix}:{{k}}:t:{int(T0)}",), 1275), ((f"{prefix}:{{other}}:t:{int(T0)}",), 21)]
+    assert int(await client.get(f"{prefix}:{{k}}:t:{int(T0)}")) == 1275      # 1 + 2 + ... + 50
+    assert int(await client.get(f"{prefix}:{{other}}:t:{int(T0)}")) == 21
+    await limiter.add_tokens("k", 5, limits, now=T0 + 2)                      # a later tick: its own call
+    assert len(calls) == 3 and int(await client.get(f"{prefix}:{{k}}:t:{int(T0)}")) == 1280
+
+
 async def test_token_limit_refuses_after_add_tokens_reaches_it(limiter, client, prefix):
     limits = Limits(requests_per_minute=100, tokens_per_minute=1000)
     first = await limiter.check("k", limits, now=T0 + 1)
