@@ -46,22 +46,27 @@ REDIS_RETRY_S = 1.0
 _WINDOWS = {"requests_per_minute": (MINUTE, "m"), "requests_per_hour": (HOUR, "h"),
             "requests_per_day": (DAY, "d"), TOKENS: (MINUTE, "t")}
 
-# KEYS[1..n]: request counters, KEYS[n+1] (optional): this minute's token counter. ARGV[1] = n,
-# ARGV[1+i] = TTL of KEYS[i] (i <= n), ARGV[1+n+i] = limit of KEYS[i] (i <= n+1). Returns
-# {refused 0/1, counter values...}: request counters after the INCR if admitted, else untouched.
+# The requests for one key that arrive in one event-loop tick are checked together, as if one
+# after the other: KEYS[1..n]: request counters, KEYS[n+1] (optional): this minute's token
+# counter. ARGV[1] = m requests, ARGV[2] = n, ARGV[2+i] = TTL of KEYS[i] (i <= n),
+# ARGV[2+n+i] = limit of KEYS[i]. The first ``allowed`` of the m are admitted (every request
+# counter goes up by ``allowed``), the rest refused; a full token counter refuses them all.
+# Returns {allowed, counter values before}.
 _CHECK_LUA = """
-local n, refused, counts = tonumber(ARGV[1]), 0, {}
+local m, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+local before, allowed = {}, m
 for i = 1, #KEYS do
-  counts[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if counts[i] >= tonumber(ARGV[1 + n + i]) then refused = 1 end
+  before[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local room = tonumber(ARGV[2 + n + i]) - before[i]
+  if i > n and room > 0 then room = m end
+  if room < allowed then allowed = math.max(room, 0) end
 end
-if refused == 0 then
+if allowed > 0 then
   for i = 1, n do
-    counts[i] = redis.call('INCR', KEYS[i])
-    if counts[i] == 1 then redis.call('EXPIRE', KEYS[i], ARGV[1 + i]) end
+    if redis.call('INCRBY', KEYS[i], allowed) == allowed then redis.call('EXPIRE', KEYS[i], ARGV[2 + i]) end
   end
 end
-return {refused, unpack(counts)}
+return {allowed, unpack(before)}
 """
 _ADD_TOKENS_LUA = """
 local v = redis.call('INCRBY', KEYS[1], ARGV[1])
@@ -261,7 +266,10 @@ class _Coalescer:
 
 
 class RateLimiter:
-    """Redis-backed limiter: one EVALSHA round trip per ``check``."""
+    """Redis-backed limiter. The checks made in one event-loop tick for the same counters are
+    one script call (admitted in order up to what is left, the rest refused), and the calls of
+    one tick share one pipeline: under load a hot key costs Redis one call per tick, not one per
+    request; a lone request is one round trip, as before."""
 
     def __init__(self, redis: aioredis.Redis, *, prefix: str = "fila:rl",
                  clock: Callable[[], float] = time.time, fallback: LocalLimiter | None = None,
@@ -273,6 +281,7 @@ class RateLimiter:
         self._tokens_script = redis.register_script(_ADD_TOKENS_LUA)
         self._scripts = _Coalescer(redis)
         self._skip_redis_until, self._next_warning_at, self._failures = 0.0, 0.0, 0
+        self._asks: dict[tuple[tuple, tuple], list[asyncio.Future]] = {}   # this tick's checks
         self._owed: dict[str, list[int]] = {}               # tokens waiting for this tick's flush
         self._owed_flushed: asyncio.Future | None = None
         self._background: set[asyncio.Task] = set()
@@ -303,14 +312,50 @@ class RateLimiter:
                 *(limit for _, limit, _, _ in windows)]
         try:
             async with asyncio.timeout(self._timeout_s):
-                reply = await self._scripts.call(self._check_script, keys, args)
+                place, reply = await self._ask((tuple(keys), tuple(args)))
         except (RedisError, OSError) as exc:  # OSError: TimeoutError, ConnectionError
             self._redis_failed(exc)
             return self._fallback.check(key_id, limits, now=now, degraded=True)
         self._skip_redis_until = 0.0
-        counts = {window[0]: int(count) for window, count in zip(windows, reply[1:])}
+        allowed, before, n = int(reply[0]), reply[1:], len(limits.rules)
+        admitted = place < allowed
+        seen = place + 1 if admitted else allowed      # this request's place among the tick's
+        counts = {window[0]: int(count) + (seen if i < n else 0)
+                  for i, (window, count) in enumerate(zip(windows, before))}
         self._fallback.observe(key_id, counts, now=now)
-        return _decide(limits, counts, reply[0] == 0, now, False)
+        return _decide(limits, counts, admitted, now, False)
+
+    def _ask(self, group: tuple[tuple, tuple]) -> asyncio.Future:
+        """Join this tick's checks of the same counters; resolves to (place, script reply)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        waiting = self._asks.get(group)
+        if waiting is None:
+            self._asks[group] = [future]
+            if len(self._asks) == 1:
+                loop.call_soon(self._flush_asks)
+        else:
+            waiting.append(future)
+        return future
+
+    def _flush_asks(self) -> None:
+        asks, self._asks = self._asks, {}
+        task = asyncio.get_running_loop().create_task(self._send_asks(asks))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_asks(self, asks: dict[tuple[tuple, tuple], list[asyncio.Future]]) -> None:
+        groups = list(asks.items())
+        replies = await asyncio.gather(*(self._scripts.call(self._check_script, list(keys), [len(futures), *args])
+                                         for (keys, args), futures in groups), return_exceptions=True)
+        for (_, futures), reply in zip(groups, replies):
+            for place, future in enumerate(futures):
+                if future.done():          # its caller gave up waiting
+                    continue
+                if isinstance(reply, BaseException):
+                    future.set_exception(reply)
+                else:
+                    future.set_result((place, reply))
 
     async def add_tokens(self, key_id: str, tokens: int, limits: Limits, *,
                          now: float | None = None) -> None:

@@ -122,6 +122,39 @@ async def test_retry_after_and_reset_values(limiter):
     assert not refused.degraded
 
 
+async def test_checks_of_one_tick_are_one_script_call_admitting_in_order_up_to_the_limit(limiter, client, prefix):
+    limits = Limits(requests_per_minute=20, requests_per_hour=25)
+    assert (await limiter.check("k", limits, now=T0 + 1)).allowed          # 1 used before the burst
+    calls = []
+    send = limiter._scripts.call
+
+    async def counted(script, keys, args):
+        calls.append(args[0])
+        return await send(script, keys, args)
+
+    limiter._scripts.call = counted
+    decisions = await asyncio.gather(*(limiter.check("k", limits, now=T0 + 2) for _ in range(30)))
+    assert calls == [30]                                                  # one call for the 30
+    assert [d.allowed for d in decisions] == [True] * 19 + [False] * 11    # in arrival order
+    assert [d.counts["requests_per_minute"] for d in decisions[:19]] == list(range(2, 21))
+    assert [d.remaining_requests for d in decisions[:19]] == list(range(18, -1, -1))
+    assert {(d.rule, d.counts["requests_per_minute"], d.counts["requests_per_hour"]) for d in decisions[19:]} == \
+        {("requests_per_minute", 20, 20)}
+    assert int(await client.get(f"{prefix}:{{k}}:m:{int(T0)}")) == 20     # refusals consumed nothing
+    # the hour has 5 left once the next minute opens: 5 of the next tick's 8 get in
+    later = await asyncio.gather(*(limiter.check("k", limits, now=T0 + 61) for _ in range(8)))
+    assert [d.allowed for d in later] == [True] * 5 + [False] * 3
+    assert {d.rule for d in later[5:]} == {"requests_per_hour"}
+
+
+async def test_a_full_token_minute_refuses_the_whole_tick(limiter, prefix):
+    limits = Limits(requests_per_minute=100, tokens_per_minute=50)
+    await limiter.add_tokens("k", 50, limits, now=T0 + 1)
+    decisions = await asyncio.gather(*(limiter.check("k", limits, now=T0 + 2) for _ in range(4)))
+    assert [(d.allowed, d.rule) for d in decisions] == [(False, TOKENS)] * 4
+    assert all(d.counts == {"requests_per_minute": 0, TOKENS: 50} for d in decisions)
+
+
 async def test_tokens_finished_together_are_summed_into_one_redis_call_per_counter(limiter, client, prefix):
     limits = Limits(tokens_per_minute=10**6)
     calls = []
