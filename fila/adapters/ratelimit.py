@@ -42,6 +42,7 @@ TOKENS = "tokens_per_minute"
 TTL_MARGIN_S = 5  # counters outlive their window a little, so clock skew never resets one early
 WARN_EVERY_S = 10.0
 REDIS_RETRY_S = 1.0
+ROOMY_MIN = 20  # see RateLimiter.roomy
 # rule -> (window seconds, key code); request rules shortest window first
 _WINDOWS = {"requests_per_minute": (MINUTE, "m"), "requests_per_hour": (HOUR, "h"),
             "requests_per_day": (DAY, "d"), TOKENS: (MINUTE, "t")}
@@ -199,6 +200,11 @@ class LocalLimiter:
                 slots[name] = [window_start(now, seconds), counts[name]]
         return _decide(limits, counts, allowed, now, degraded)
 
+    def seen(self, key_id: str, rule: str, start: int) -> int | None:
+        """The count last known for this window, or None if this window was never seen."""
+        slot = self._slots.get(key_id, {}).get(rule)
+        return slot[1] if slot is not None and slot[0] == start else None
+
     def add_tokens(self, key_id: str, tokens: int, *, now: float | None = None) -> None:
         now = self._clock() if now is None else now
         slots = self._slots.setdefault(key_id, {})
@@ -282,6 +288,7 @@ class RateLimiter:
         self._scripts = _Coalescer(redis)
         self._skip_redis_until, self._next_warning_at, self._failures = 0.0, 0.0, 0
         self._asks: dict[tuple[tuple, tuple], list[asyncio.Future]] = {}   # this tick's checks
+        self._pending: dict[str, int] = {}                  # key -> checks awaiting Redis
         self._owed: dict[str, list[int]] = {}               # tokens waiting for this tick's flush
         self._owed_flushed: asyncio.Future | None = None
         self._background: set[asyncio.Task] = set()
@@ -298,8 +305,34 @@ class RateLimiter:
                               failures=self._failures, policy="fail open to per-process limits")
             self._next_warning_at, self._failures = now + WARN_EVERY_S, 0
 
+    def roomy(self, key_id: str, limits: Limits, *, now: float | None = None) -> bool:
+        """Whether this process's last answer from Redis showed every window of ``key_id`` far
+        from full: more than a tenth of the limit (and ``ROOMY_MIN``) left beyond the checks
+        still in flight. Then a refusal is unlikely enough that the gateway may call the
+        upstream while the check is on its way (the check still decides, exactly)."""
+        if not limits.windows or self._redis_skipped():
+            return False
+        now = self._clock() if now is None else now
+        pending = self._pending.get(key_id, 0)
+        for name, limit, seconds, _ in limits.windows:
+            count = self._fallback.seen(key_id, name, window_start(now, seconds))
+            if count is None or limit - count - pending <= max(ROOMY_MIN, limit // 10):
+                return False
+        return True
+
     async def check(self, key_id: str, limits: Limits, *, now: float | None = None) -> Decision:
         """Admit or refuse one request for ``key_id``; never raises for Redis trouble."""
+        self._pending[key_id] = self._pending.get(key_id, 0) + 1
+        try:
+            return await self._check(key_id, limits, now)
+        finally:
+            left = self._pending[key_id] - 1
+            if left:
+                self._pending[key_id] = left
+            else:
+                del self._pending[key_id]
+
+    async def _check(self, key_id: str, limits: Limits, now: float | None) -> Decision:
         now = self._clock() if now is None else now
         windows = limits.windows
         if not windows:

@@ -90,6 +90,25 @@ class PlanAdmission:
             self._limits[(plan.id, plan.version)] = limits
         return limits
 
+    def overlap_plan(self, key: KeyRecord, now: datetime) -> str | None:
+        """The plan in force, when this request may go upstream while its rate-limit check is
+        on its way: the assignment is active and in force, the plan has no hard cap, and the
+        limiter last saw every window far from full (``RateLimiter.roomy``). Otherwise None:
+        admit first, as usual. The check decides either way; overlapping only hides its round
+        trip behind the upstream's, at the price of a cancelled upstream call on the rare
+        refusal that the last answer did not foresee (another process used the room)."""
+        if self.limiter is None:
+            return None
+        assignment = self.book.current_assignment(key.id)
+        if assignment is None or assignment.status != ACTIVE:
+            return None
+        if now < parse_iso(assignment.starts_at) or (assignment.ends_at and now >= parse_iso(assignment.ends_at)):
+            return None
+        plan = self.book.plans[plan_in_force(assignment, now)]
+        if plan.terms.get("hard_cap") or not self.limiter.roomy(key.id, self.limits_of(plan)):
+            return None
+        return plan.id
+
     async def admit(self, key: KeyRecord, request: Any, now: datetime) -> Admitted:
         assignment = self.book.current_assignment(key.id)
         if assignment is None:

@@ -87,6 +87,15 @@ class AllowAll:
     async def admit(self, key: KeyRecord, request: ParsedRequest, now: datetime) -> Admitted:
         return Admitted()
 
+    def overlap_plan(self, key: KeyRecord, now: datetime) -> str | None:
+        return None
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """Mark a background admission's refusal as seen (it is recorded and raised to its waiter)."""
+    if not future.cancelled():
+        future.exception()
+
 
 def log_summary(ctx: RequestContext, status: int) -> None:
     log.info("request", request_id=ctx.request_id, api_key_id=ctx.key.id, model=ctx.model,
@@ -103,6 +112,7 @@ class Gateway:
         self.cache = cache if cache is not None else CacheService.off()
         self._inflight: dict[UUID, asyncio.Future] = {}
         self._background: set[asyncio.Task] = set()
+        self.overlaps_cancelled = 0     # upstream calls stopped by a refusal that came back late
 
     # -- recording -------------------------------------------------------------------------
 
@@ -176,14 +186,30 @@ class Gateway:
 
     async def _complete(self, ctx: RequestContext, parsed: ParsedRequest, fingerprint: str,
                         entry_id: UUID, lookup: Lookup) -> Reply:
-        admitted = await self._admit(ctx, parsed, fingerprint)
-        if await self.cache.find(lookup, admitted.plan_id) is not None:
-            return await self._record_hit(ctx, parsed, admitted, entry_id, fingerprint, lookup)
+        admitted, admission = None, None
+        plan_id = self.admission.overlap_plan(ctx.key, ctx.now)
+        if plan_id is None:
+            admitted = await self._admit(ctx, parsed, fingerprint)
+            plan_id = admitted.plan_id
+        else:   # the key has room: its rate-limit check runs while the cache and upstream work
+            admission = asyncio.ensure_future(self._admit(ctx, parsed, fingerprint))
+            admission.add_done_callback(_retrieved)
         try:
-            reply, route = await self.router.complete(parsed.model, parsed.messages, parsed.extra())
+            if await self.cache.find(lookup, plan_id) is not None:
+                admitted = admitted or await admission
+                return await self._record_hit(ctx, parsed, admitted, entry_id, fingerprint, lookup)
+            call = self.router.complete(parsed.model, parsed.messages, parsed.extra())
+            if admitted is None:
+                call = asyncio.ensure_future(call)
+                admitted = await self._admitted_during(admission, call)
+            reply, route = await call
         except (UpstreamError, UpstreamUnavailable, UpstreamClientError) as error:
-            await self._record_failure(ctx, parsed, admitted, error, fingerprint, lookup)
+            await self._record_failure(ctx, parsed, admitted or await admission, error, fingerprint, lookup)
             raise
+        finally:
+            if admission is not None and not admission.done():   # left early: let it finish, recorded
+                self._background.add(admission)
+                admission.add_done_callback(self._background.discard)
         prompt, completion, total = _usage(reply.data)
         entry = self._entry(ctx, entry_id, admitted, outcome=ledger.OK, status=200, model=parsed.model,
                             fingerprint=fingerprint, prompt_tokens=prompt, completion_tokens=completion,
@@ -196,6 +222,19 @@ class Gateway:
                                   fallback=route.upstream is not self.router.primary or route.model != parsed.model)
         self._settle(admitted, total)
         return Reply(reply.body, dict(admitted.headers, **lookup.headers))
+
+    async def _admitted_during(self, admission: asyncio.Future, call: asyncio.Future) -> Admitted:
+        """The admission's verdict while the upstream call runs; a refusal cancels the call."""
+        try:
+            return await admission
+        except BaseException:
+            call.cancel()
+            await asyncio.wait([call])
+            answered = not call.cancelled() and call.exception() is None
+            self.overlaps_cancelled += 1
+            log.warning("overlapped_upstream_call_cancelled", upstream_had_answered=answered,
+                        reason="the rate-limit check refused while the call was under way")
+            raise
 
     async def _record_hit(self, ctx: RequestContext, parsed: ParsedRequest, admitted: Admitted,
                           entry_id: UUID, fingerprint: str, lookup: Lookup) -> Reply:
