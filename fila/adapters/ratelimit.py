@@ -272,10 +272,11 @@ class _Coalescer:
 
 
 class RateLimiter:
-    """Redis-backed limiter. The checks made in one event-loop tick for the same counters are
-    one script call (admitted in order up to what is left, the rest refused), and the calls of
-    one tick share one pipeline: under load a hot key costs Redis one call per tick, not one per
-    request; a lone request is one round trip, as before."""
+    """Redis-backed limiter. A check made while no other is on its way to Redis is sent at once.
+    Otherwise it joins the batch of its event-loop tick: the checks of one tick for the same
+    counters are one script call (admitted in order up to what is left, the rest refused), and
+    the calls of one tick share one pipeline. Under load a hot key costs Redis one call per
+    tick, not one per request; at light load a check is one round trip with no wait."""
 
     def __init__(self, redis: aioredis.Redis, *, prefix: str = "fila:rl",
                  clock: Callable[[], float] = time.time, fallback: LocalLimiter | None = None,
@@ -289,6 +290,7 @@ class RateLimiter:
         self._skip_redis_until, self._next_warning_at, self._failures = 0.0, 0.0, 0
         self._asks: dict[tuple[tuple, tuple], list[asyncio.Future]] = {}   # this tick's checks
         self._pending: dict[str, int] = {}                  # key -> checks awaiting Redis
+        self._sending = 0                                   # check calls on their way to Redis
         self._owed: dict[str, list[int]] = {}               # tokens waiting for this tick's flush
         self._owed_flushed: asyncio.Future | None = None
         self._background: set[asyncio.Task] = set()
@@ -345,7 +347,14 @@ class RateLimiter:
                 *(limit for _, limit, _, _ in windows)]
         try:
             async with asyncio.timeout(self._timeout_s):
-                place, reply = await self._ask((tuple(keys), tuple(args)))
+                if self._sending or self._asks:      # checks on their way: join the next batch
+                    place, reply = await self._ask((tuple(keys), tuple(args)))
+                else:                                # idle: this one goes now, no tick waited
+                    self._sending += 1
+                    try:
+                        place, reply = 0, await self._check_script(keys=keys, args=[1, *args])
+                    finally:
+                        self._sending -= 1
         except (RedisError, OSError) as exc:  # OSError: TimeoutError, ConnectionError
             self._redis_failed(exc)
             return self._fallback.check(key_id, limits, now=now, degraded=True)
@@ -379,8 +388,12 @@ class RateLimiter:
 
     async def _send_asks(self, asks: dict[tuple[tuple, tuple], list[asyncio.Future]]) -> None:
         groups = list(asks.items())
-        replies = await asyncio.gather(*(self._scripts.call(self._check_script, list(keys), [len(futures), *args])
-                                         for (keys, args), futures in groups), return_exceptions=True)
+        self._sending += 1
+        try:
+            replies = await asyncio.gather(*(self._scripts.call(self._check_script, list(keys), [len(futures), *args])
+                                             for (keys, args), futures in groups), return_exceptions=True)
+        finally:
+            self._sending -= 1
         for (_, futures), reply in zip(groups, replies):
             for place, future in enumerate(futures):
                 if future.done():          # its caller gave up waiting

@@ -62,22 +62,27 @@ class Watch(list):
     upstream_calls_before = 0
 
 
+class Observed:
+    """The limiter's check script, observed: a check sent alone goes through ``__call__``."""
+
+    def __init__(self, script: Any, fake: Any, seen: Watch) -> None:
+        self.script, self.sha, self.fake, self.seen = script, script.sha, fake, seen
+
+    async def __call__(self, keys: list, args: list) -> Any:
+        deadline = time.monotonic() + 0.15              # under the limiter's own 0.25 s deadline
+        while self.fake.stats["chat_completions"] == self.seen.upstream_calls_before and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        self.seen.append(self.fake.stats["chat_completions"] > self.seen.upstream_calls_before)
+        return await self.script(keys=keys, args=args)
+
+
 @pytest.fixture
 def watch(server: Any, fake: Any) -> Iterator[Watch]:
-    scripts = server.container.limiter._scripts
-    send, seen = scripts.call, Watch()
-
-    async def observed(script: Any, keys: list, args: list) -> Any:
-        if script is server.container.limiter._check_script:
-            deadline = time.monotonic() + 0.15          # under the limiter's own 0.25 s deadline
-            while fake.stats["chat_completions"] == seen.upstream_calls_before and time.monotonic() < deadline:
-                await asyncio.sleep(0.005)
-            seen.append(fake.stats["chat_completions"] > seen.upstream_calls_before)
-        return await send(script, keys, args)
-
-    scripts.call = observed
+    limiter, seen = server.container.limiter, Watch()
+    script = limiter._check_script
+    limiter._check_script = Observed(script, fake, seen)
     yield seen
-    scripts.call = send
+    limiter._check_script = script
 
 
 def chat_watched(server: Any, fake: Any, watch: Watch, secret: str) -> httpx.Response:
