@@ -227,13 +227,14 @@ class Gateway:
         """The admission's verdict while the upstream call runs; a refusal cancels the call."""
         try:
             return await admission
-        except BaseException:
+        except BaseException:   # refused, or this request itself cancelled (client gone)
             call.cancel()
             await asyncio.wait([call])
-            answered = not call.cancelled() and call.exception() is None
-            self.overlaps_cancelled += 1
-            log.warning("overlapped_upstream_call_cancelled", upstream_had_answered=answered,
-                        reason="the rate-limit check refused while the call was under way")
+            if admission.done() and not admission.cancelled() and admission.exception() is not None:
+                answered = not call.cancelled() and call.exception() is None
+                self.overlaps_cancelled += 1
+                log.warning("overlapped_upstream_call_cancelled", upstream_had_answered=answered,
+                            reason="the rate-limit check refused while the call was under way")
             raise
 
     async def _record_hit(self, ctx: RequestContext, parsed: ParsedRequest, admitted: Admitted,
