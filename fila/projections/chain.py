@@ -50,14 +50,21 @@ def link_hash(previous_link: str, event_hash_hex: str) -> str:
 
 
 def chain_rows(previous_link: str, events: Iterable[tuple[int, Any, int, str, bytes]]) -> list[tuple]:
-    """Rows (``COLUMNS`` order) linking ``events`` (id, originator id, version, topic, state), in order."""
+    """Rows (``COLUMNS`` order) linking ``events`` (id, originator id, version, topic, state), in order.
+
+    The same hashes as :func:`event_hash` and :func:`link_hash`, kept as raw digests from one link to
+    the next (hex only for the row): the chain view hashes every event of the log."""
     rows = []
-    link = previous_link
+    append = rows.append
+    link = bytes.fromhex(previous_link)
     for nid, originator_id, version, topic, state in events:
         originator = str(originator_id)
-        digest = event_hash(nid, originator, version, topic, state)
-        link = link_hash(link, digest)
-        rows.append((nid, link, digest, originator, version, topic))
+        if isinstance(state, str):
+            state = state.encode()
+        digest = _sha256(f"{nid}\x1f{originator}\x1f{version}\x1f{topic}\x1f".encode()
+                         + _sha256(state).digest()).digest()
+        link = _sha256(link + digest).digest()
+        append((nid, link.hex(), digest.hex(), originator, version, topic))
     return rows
 
 
