@@ -27,6 +27,7 @@ of raw events) alike. A bill depends only on the order of calls (event order), n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -284,6 +285,69 @@ class CycleBill:
         self.overage_output_tokens += over_out
         return bill_in, bill_out, inc_in, inc_out, remaining
 
+    def tally_many(self, requests: Sequence[tuple[int, int, bool]], terms: Terms) -> None:
+        """``tally`` of each ``(input_tokens, output_tokens, cache_hit)`` in order, under one ``terms``.
+
+        The bill ends exactly as after the calls one by one (lines, their order and exact costs,
+        counters), for a fraction of the work: the allowance is consumed request by request, and
+        each overage line takes the run's tokens at once (its cost is linear; ``_Overage`` keeps
+        the gcd that fixes the exponent). The caller vouches for what ``tally`` checks per request
+        (each time inside the cycle, the counts non-negative ints). Raises ``ValueError`` before
+        changing anything when ``tally`` would refuse every one of them (no terms, another currency).
+        """
+        if not self._segments:
+            raise ValueError("no terms in force: call set_terms first")
+        self._check_currency(terms.currency)
+        billable = terms.billable
+        remaining = max(0, (self._derived or self._figures()).included_tokens - self.included_used)
+        hits = raw_in = raw_out = bill_in = bill_out = included = over_in = over_out = 0
+        gcd_in = gcd_out = 0
+        first_in = first_out = -1
+        for k, (input_tokens, output_tokens, cache_hit) in enumerate(requests):
+            raw_in += input_tokens
+            raw_out += output_tokens
+            if cache_hit:
+                hits += 1
+                b_in, b_out = billable(input_tokens, True), billable(output_tokens, True)
+            else:                  # billable(tokens, False) is the tokens themselves
+                b_in, b_out = input_tokens, output_tokens
+            bill_in += b_in
+            bill_out += b_out
+            if remaining:          # as tally: input first, then output, from what is left
+                inc = b_in if b_in < remaining else remaining
+                remaining -= inc
+                b_in -= inc
+                included += inc
+                inc = b_out if b_out < remaining else remaining
+                remaining -= inc
+                b_out -= inc
+                included += inc
+            if b_in:
+                over_in += b_in
+                gcd_in = gcd(gcd_in, b_in)
+                if first_in < 0:
+                    first_in = k
+            if b_out:
+                over_out += b_out
+                gcd_out = gcd(gcd_out, b_out)
+                if first_out < 0:
+                    first_out = k
+        # the lines in the order tally would have charged them first (input before output in a request)
+        for first, kind, price, tokens, divisor in sorted(
+                ((first_in, "overage_input", terms.input_price, over_in, gcd_in),
+                 (first_out, "overage_output", terms.output_price, over_out, gcd_out)), key=lambda c: c[:2]):
+            if first >= 0:
+                self._charge(kind, terms, price, tokens, divisor)
+        self.requests += len(requests)   # the _COUNTERS
+        self.cache_hits += hits
+        self.input_tokens += raw_in
+        self.output_tokens += raw_out
+        self.billable_input_tokens += bill_in
+        self.billable_output_tokens += bill_out
+        self.included_used += included
+        self.overage_input_tokens += over_in
+        self.overage_output_tokens += over_out
+
     def adjust(self, amount: Money, reason: str, at: datetime) -> None:
         """A late correction line (a credit if negative); ``at`` may fall after the cycle end."""
         self._check_currency(amount.currency)
@@ -375,8 +439,11 @@ class CycleBill:
         if currency != self.currency:
             raise CurrencyMismatch(f"a {self.currency} bill cannot take {currency} amounts")
 
-    def _charge(self, kind: str, terms: Terms, price: UnitPrice, tokens: int) -> None:
-        """Add ``tokens`` (> 0) overage tokens to their line; their cost is summed at the next settle."""
+    def _charge(self, kind: str, terms: Terms, price: UnitPrice, tokens: int, divisor: int | None = None) -> None:
+        """Add ``tokens`` (> 0) overage tokens to their line; their cost is summed at the next settle.
+
+        ``divisor``: when ``tokens`` is the sum of several requests' tokens, the gcd of those (the
+        same line state as charging them one by one)."""
         key = (kind, terms.plan_id, terms.plan_version, price.per_million)
         acc = self._line_keys.get(key)
         if acc is None:
@@ -394,7 +461,7 @@ class CycleBill:
             acc.price = price
         acc.tokens += tokens
         acc.pending += tokens
-        acc.pending_gcd = gcd(acc.pending_gcd, tokens)
+        acc.pending_gcd = gcd(acc.pending_gcd, tokens if divisor is None else divisor)
 
     def _settle(self) -> None:
         """Sum the pending tokens' costs into their lines (exactly as request by request)."""

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import heapq
 from functools import lru_cache, partial
+from operator import attrgetter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -102,6 +103,18 @@ def _getter(state: Any) -> Callable[[str, Any], Any]:
 
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+# what the fold reads of a request, and the defaults it reads when a field is missing
+_REQUEST = ("at", "outcome", "assignment_id", "plan_id", "plan_version", "prompt_tokens", "completion_tokens", "cache")
+_REQUEST_DEFAULTS = (None, None, None, None, None, 0, 0, "none")
+_request_fields = attrgetter(*_REQUEST)
+
+
+def _request(state: Any) -> tuple:
+    """A request's ``_REQUEST`` fields, ``state`` being a dict or an object (read as ``_getter`` reads)."""
+    get = _getter(state)
+    return tuple(get(name, default) for name, default in zip(_REQUEST, _REQUEST_DEFAULTS))
 
 
 # -- plan terms by version ------------------------------------------------------------------------
@@ -258,6 +271,19 @@ def figures(cycle: CycleState) -> dict[str, Any]:
     }
 
 
+@dataclass(slots=True)
+class _Run:
+    """Consecutive requests of one assignment, plan version and cycle, tallied together."""
+
+    key: tuple[str, str, int]       # assignment id, plan id, plan version
+    cycle: CycleState
+    terms: Terms
+    low: datetime                   # the request times the run takes: low <= at < high
+    high: datetime
+    requests: list[tuple[int, int, bool]] = field(default_factory=list)
+    position: int = 0               # the last request's
+
+
 # -- the fold ------------------------------------------------------------------------------------------
 
 
@@ -363,6 +389,102 @@ class BillingFold:
         handler = self._handlers.get(topic)
         if handler is not None:
             handler(position, str(originator_id), state, version)
+
+    def apply_many(self, events: Iterable[tuple[int, str, str, Any, int | None]]) -> None:
+        """``apply`` each ``(position, topic, originator_id, state, version)`` in order: the same state.
+
+        Faster over the log's common case, runs of requests: consecutive requests billed to one
+        open cycle under one plan version are tallied together (``CycleBill.tally_many``) while the
+        activity clock stays short of the next cycle end or start it waits for; requests that bill
+        nothing only move the clock. Anything else (a first request of a cycle, a plan change, a
+        request that makes a cycle due ...) goes through ``apply``. Contributions need ``apply``.
+        """
+        if self._contribute is not None:
+            for event in events:
+                self.apply(*event)
+            return
+        run: _Run | None = None
+        limit = self._clock_limit()
+        for event in events:
+            position, topic, entry_id, state, version = event
+            if topic != RECORDED_TOPIC:
+                if run is not None:
+                    self._tally(run)
+                    run = None
+                self.apply(position, topic, entry_id, state, version)
+                limit = self._clock_limit()
+                continue
+            try:
+                fields = _request_fields(state)
+            except AttributeError:                 # a dict, or an object missing some
+                fields = _request(state)
+            text, outcome, assignment_id, plan_id, plan_version, prompt, completion, cache = fields
+            at = self._request_time(text)
+            if at is None:
+                continue                           # apply ignores it too
+            watermark = self.watermark
+            clock = at if watermark is None or at > watermark else watermark
+            if limit is not None and clock >= limit:   # cycles become due or start: one by one
+                if run is not None:
+                    self._tally(run)
+                    run = None
+                self.apply(position, topic, entry_id, state, version)
+                limit = self._clock_limit()
+                continue
+            if not (outcome in BILLABLE_OUTCOMES and assignment_id and plan_id):
+                self.watermark = clock
+                continue
+            key = (assignment_id, plan_id, plan_version if isinstance(plan_version, int) else 1)
+            if run is not None and (key != run.key or not run.low <= at < run.high or not entry_id):
+                self._tally(run)
+                run = None
+            if run is None:
+                run = self._run(key, at) if entry_id else None
+                if run is None:
+                    self.apply(position, topic, entry_id, state, version)
+                    limit = self._clock_limit()
+                    continue
+            self.watermark = clock
+            run.requests.append((prompt if type(prompt) is int and prompt > 0 else _count(prompt),
+                                 completion if type(completion) is int and completion > 0 else _count(completion),
+                                 cache == "hit"))
+            run.position = position
+        if run is not None:
+            self._tally(run)
+
+    def _clock_limit(self) -> datetime | None:
+        """The earliest activity clock at which ``_close_due`` has work (None: never)."""
+        tops = [heap[0][0] for heap in (self._due, self._next) if heap]
+        return _EPOCH + min(tops) * _US if tops else None
+
+    def _run(self, key: tuple[str, str, int], at: datetime) -> _Run | None:
+        """A run of requests billed as ``_bill`` would bill a request of ``key`` at ``at``, if ``_bill``
+        would simply tally it into an open cycle that exists (else None: ``apply`` takes it)."""
+        assignment_id, plan_id, version = key
+        assignment = self.assignment(assignment_id)
+        if assignment is None or at < assignment.starts_at:
+            return None
+        index = self._index_of(assignment, at)
+        if index > assignment.last_index:
+            return None
+        cycle = self.cycle(_cycle_id(assignment_id, index))
+        if cycle is None or cycle.status != OPEN or cycle.bill is None:
+            return None
+        terms = self.plans.terms_of_version(plan_id, version)
+        if terms is None:
+            return None
+        span = self._spans[assignment_id]        # the requests _index_of puts in this cycle, and tally takes
+        low, high = max(span[0], cycle.period.start), min(span[1], cycle.period.end)
+        return _Run(key, cycle, terms, low, high) if low <= at < high else None
+
+    def _tally(self, run: _Run) -> None:
+        cycle = run.cycle
+        assert cycle.bill is not None
+        try:
+            cycle.bill.tally_many(run.requests, run.terms)
+        except ValueError:                       # as _bill: every one of them unbilled
+            cycle.unbilled_requests += len(run.requests)
+        self._touch(cycle, run.position)
 
     # plans
 

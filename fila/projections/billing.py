@@ -107,8 +107,7 @@ class BillingView(View):
     def apply(self, tx: Tx, notes: list[Note], suffix: str = "") -> None:
         fold = TableFold(tx, suffix)
         fold.preload(notes)
-        for note in notes:
-            fold.apply(note.id, note.topic, note.originator_id, note.state, note.version)
+        fold.apply_many([(note.id, note.topic, note.originator_id, note.state, note.version) for note in notes])
         fold.flush()
 
 

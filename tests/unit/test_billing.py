@@ -359,3 +359,21 @@ def test_resuming_from_state_gives_the_same_bill(first: Terms, evs, data) -> Non
     assert resumed.lines() == whole.lines()
     assert resumed.total() == whole.total()
     assert resumed.to_state() == whole.to_state()
+
+
+runs = st.lists(st.tuples(st.integers(0, 5_000), st.integers(0, 5_000), st.booleans()), max_size=60)
+
+
+@settings(max_examples=300)
+@given(plans, runs, runs, st.integers(0, 60_000))
+def test_tally_many_leaves_the_bill_tally_leaves_one_by_one(t: Terms, before, run, used) -> None:
+    other = replace(t, plan_version=2, input_price=UnitPrice(t.input_price.per_million + 1))
+    one, many = bill_with(t), bill_with(t)
+    for bill in (one, many):            # the same history first: lines already there, part of the allowance used
+        for n, (inp, out, hit) in enumerate(before):
+            bill.tally(APRIL.start + timedelta(hours=n), inp, out, hit, other if n % 3 else t)
+    for n, (inp, out, hit) in enumerate(run):
+        one.tally(HALFWAY + timedelta(seconds=n), inp, out, hit, t)
+    many.tally_many(run, t)
+    assert many.to_state() == one.to_state()
+    assert many.lines() == one.lines() and many.total() == one.total()

@@ -9,6 +9,7 @@ the README with ``Fraction`` arithmetic. No server: the event store is the libra
 
 from __future__ import annotations
 
+import random
 import tempfile
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -25,13 +26,13 @@ from hypothesis import strategies as st
 from fila.adapters.eventstore import TRANSCODER_TOPIC, FilaStore
 from fila.domain.billing import CycleBill
 from fila.domain.billing_cycle import BillingCycle, cycle_id_for
-from fila.domain.billing_fold import TOPICS, figures, recompute_cycle, replay
-from fila.domain.cycles import cycle_by_index
+from fila.domain.billing_fold import TOPICS, BillingFold, figures, recompute_cycle, replay
+from fila.domain.cycles import cycle_by_index, cycle_index
 from fila.domain.errors import Conflict, InvalidRequest
-from fila.domain.ledger import LedgerEntry
+from fila.domain.ledger import RECORDED_TOPIC, LedgerEntry
 from fila.domain.plans import Assignment, Plan, assignment_id_for
 from fila.domain.time import iso
-from fila.projections.billing import CYCLE_COLUMNS, BillingView, cycle_row
+from fila.projections.billing import CYCLE_COLUMNS, BillingRecorded, BillingView, cycle_row
 from fila.projections.db import SqliteDatabase
 from fila.projections.runner import Projector
 
@@ -405,3 +406,111 @@ def test_the_view_the_auditor_and_an_independent_computation_agree(first, second
     assert rows == {c.id: dict(zip(CYCLE_COLUMNS, cycle_row(c))) for c in once.cycles.values()}
     assert (rows[cycle0]["close_requested_position"] is not None) == close
 
+
+
+# -- runs of requests: apply_many folds to exactly what apply does, event by event ---------------------------
+
+run_operation = st.one_of(
+    st.tuples(st.just("request"), st.integers(0, 1), st.integers(0, 4_000), st.integers(0, 2_000), st.booleans(),
+              st.integers(-600, 60), st.sampled_from(["ok", "ok", "ok", "client_disconnected", "rate_limited"])),
+    st.tuples(st.just("burst"), st.integers(0, 1), st.integers(2, 60), st.integers(0, 2_000)),
+    st.tuples(st.just("change"), st.integers(0, 1), st.integers(-3, 30)),
+    st.tuples(st.just("edit"), st.integers(0, 1), plan_terms),
+    st.tuples(st.just("close"), st.integers(0, 1)),
+    st.tuples(st.just("jump"), st.integers(1, 40)),
+)
+
+
+def fold_state(fold: Any) -> tuple:
+    cycles = {cycle_id: cycle_row(cycle) for cycle_id, cycle in fold.cycles.items() if cycle.bill is not None}
+    return cycles, fold.assignments, fold.watermark, sorted(fold._due), sorted(fold._next)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(first=plan_terms, second=plan_terms, operations=st.lists(run_operation, max_size=40), seed=st.integers(0, 99))
+def test_apply_many_folds_runs_of_requests_exactly_as_apply_does_one_by_one(first, second, operations, seed):
+    log = Log()
+    plans = [log.plan("p0", {"name": "P0", **first}), log.plan("p1", {"name": "P1", **second})]
+    anchors = [ANCHOR, ANCHOR + timedelta(days=9, hours=5)]
+    keys = [f"{log.key}-{i}" for i in range(2)]
+    assignments = [Assignment.assign(assignment_id_for(k, 0), k, str(plans[i].id), a, None, a)
+                   for i, (k, a) in enumerate(zip(keys, anchors))]
+    log.save(*assignments)
+    current = [0, 1]
+    last_change = list(anchors)
+    closed: set[tuple[int, int]] = set()
+    clock = ANCHOR + timedelta(hours=1)
+    rng = random.Random(seed)
+
+    def request(i: int, at: datetime, prompt: int, completion: int, hit: bool, outcome: str = "ok") -> None:
+        plan = plans[current[i]]
+        entry = LedgerEntry(id=uuid.uuid4(), api_key_id=keys[i], at=iso(at), outcome=outcome, status=200, model="m",
+                            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                            cache="hit" if hit else "miss", plan_id=str(plan.id), plan_version=plan.version,
+                            assignment_id=str(assignments[i].id))
+        log.save(entry)
+
+    for op in operations:
+        clock += timedelta(minutes=50)
+        if op[0] == "request":
+            _, i, prompt, completion, hit, lag, outcome = op
+            request(i, max(anchors[i] - timedelta(hours=1), clock + timedelta(minutes=lag)), prompt, completion, hit,
+                    outcome)
+        elif op[0] == "burst":                               # many requests in a row: the runs
+            _, i, count, size = op
+            for _ in range(count):
+                clock += timedelta(seconds=rng.randint(0, 900))
+                request(i, clock - timedelta(seconds=rng.randint(0, 300)), rng.randint(0, size), rng.randint(0, size),
+                        rng.random() < 0.3)
+        elif op[0] == "change":
+            _, i, hours = op
+            effective = max(clock + timedelta(hours=hours), last_change[i], anchors[i])
+            current[i] = 1 - current[i]
+            assignments[i].change_plan(str(plans[current[i]].id), effective, clock)
+            log.save(assignments[i])
+            last_change[i] = effective
+        elif op[0] == "edit":
+            _, index, changes = op
+            if plans[index].update(changes, clock):
+                log.save(plans[index])
+        elif op[0] == "close":
+            i = op[1]
+            index = cycle_index(anchors[i], clock) - 1 if clock >= anchors[i] else -1
+            if index >= 0 and (i, index) not in closed:
+                period = cycle_by_index(anchors[i], index)
+                log.save(BillingCycle.close(str(assignments[i].id), keys[i], index, period.start, period.end,
+                                            by="fila", now=clock))
+                closed.add((i, index))
+        else:
+            clock += timedelta(days=op[1])
+
+    events = log.events()
+    one_by_one = replay(events)
+    many = BillingFold()
+    many.apply_many(events)
+    assert fold_state(many) == fold_state(one_by_one)
+    # the view's states: Structs with the fields the fold reads, not dicts
+    decode = msgspec.json.Decoder(BillingRecorded).decode
+    as_structs = [(p, t, o, decode(msgspec.json.encode(s)) if t == RECORDED_TOPIC else s, v)
+                  for p, t, o, s, v in events]
+    many = BillingFold()
+    many.apply_many(as_structs)
+    assert fold_state(many) == fold_state(one_by_one)
+
+
+def test_a_request_exactly_at_another_cycles_end_makes_it_due_in_the_middle_of_a_run():
+    log = Log()
+    plan = log.plan("basic", BASIC)
+    a = log.assign(plan)
+    later = ANCHOR + timedelta(days=9, hours=5)
+    b = Assignment.assign(assignment_id_for("other-key", 0), "other-key", str(plan.id), later, None, later)
+    log.save(b)
+    b_end = cycle_by_index(later, 0).end                       # inside a's cycle 1
+    for minutes in (90, 60, 30, 0, -30):
+        log.request(a, plan, b_end - timedelta(minutes=minutes), 10, 10)
+    events = log.events()
+    many = BillingFold()
+    many.apply_many(events)
+    b0 = many.cycles[str(cycle_id_for(str(b.id), 0))]
+    assert b0.close_requested_position == events[-2][0]       # the request at b_end exactly
+    assert fold_state(many) == fold_state(replay(events))
