@@ -21,7 +21,7 @@ Tables (each + the rebuild suffix):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -35,7 +35,7 @@ from fila.domain.cycles import Period
 from fila.domain.ledger import BILLABLE_OUTCOMES, RECORDED_TOPIC
 from fila.domain.time import iso, parse_iso
 from fila.projections.db import Tx
-from fila.projections.runner import Note, View
+from fila.projections.runner import Note, Run, Step, View
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -105,10 +105,17 @@ class BillingView(View):
         ]
 
     def apply(self, tx: Tx, notes: list[Note], suffix: str = "") -> None:
-        fold = TableFold(tx, suffix)
+        self.stage(notes, suffix, Run(tx.fetchall))(tx)
+
+    def stage(self, notes: list[Note], suffix: str, run: Run) -> Step:
+        """The fold carries its state from page to page of a run: after the first page it reads only
+        what it has never held (see ``Run``), and the page's step writes what the page changed."""
+        fold = run.state.get("fold")
+        if fold is None:
+            fold = run.state["fold"] = TableFold(run.read, suffix)
         fold.preload(notes)
         fold.apply_many([(note.id, note.topic, note.originator_id, note.state, note.version) for note in notes])
-        fold.flush()
+        return fold.flush()
 
 
 def views() -> list[View]:
@@ -175,11 +182,13 @@ def _chunks(values: Iterable[str]) -> Iterable[list[str]]:
 
 
 class TableFold(BillingFold):
-    """The fold over one page, its state read from and written back to the view's tables."""
+    """The fold over a run of pages, its state read from the view's tables (what it does not hold
+    yet) through ``read``, and what each page changed written back by the page's step."""
 
-    def __init__(self, tx: Tx, suffix: str = "") -> None:
+    def __init__(self, read: Callable[[str, Sequence[Any]], list[tuple]], suffix: str = "") -> None:
         super().__init__()
-        self.tx = tx
+        self.read = read
+        self._started = False
         self.t_cycles, self.t_assignments, self.t_plans, self.t_meta = (
             f"{t}{suffix}" for t in BillingView.tables)
         self._dirty_cycles: dict[str, CycleState] = {}
@@ -191,13 +200,13 @@ class TableFold(BillingFold):
     # -- hooks ---------------------------------------------------------------------------------------
 
     def _load_assignment(self, assignment_id: str) -> AssignmentState | None:
-        row = self.tx.fetchone(f"SELECT {', '.join(ASSIGNMENT_COLUMNS)} FROM {self.t_assignments} WHERE id = ?",
-                               (assignment_id,))
-        return _assignment_from_row(row) if row else None
+        rows = self.read(f"SELECT {', '.join(ASSIGNMENT_COLUMNS)} FROM {self.t_assignments} WHERE id = ?",
+                         (assignment_id,))
+        return _assignment_from_row(rows[0]) if rows else None
 
     def _load_cycle(self, cycle_id: str) -> CycleState | None:
-        row = self.tx.fetchone(f"SELECT {', '.join(CYCLE_COLUMNS)} FROM {self.t_cycles} WHERE id = ?", (cycle_id,))
-        return cycle_from_row(row) if row else None
+        rows = self.read(f"SELECT {', '.join(CYCLE_COLUMNS)} FROM {self.t_cycles} WHERE id = ?", (cycle_id,))
+        return cycle_from_row(rows[0]) if rows else None
 
     def _request_time(self, text: Any) -> datetime | None:
         return self._times.get(text) or super()._request_time(text)
@@ -213,40 +222,45 @@ class TableFold(BillingFold):
     def _load_assignments(self, ids: Iterable[str]) -> None:
         for chunk in _chunks(i for i in ids if i not in self.assignments):
             marks = ", ".join("?" * len(chunk))
-            for row in self.tx.fetchall(f"SELECT {', '.join(ASSIGNMENT_COLUMNS)} FROM {self.t_assignments} "
-                                        f"WHERE id IN ({marks})", chunk):
+            for row in self.read(f"SELECT {', '.join(ASSIGNMENT_COLUMNS)} FROM {self.t_assignments} "
+                                 f"WHERE id IN ({marks})", chunk):
                 self.assignments[row[0]] = _assignment_from_row(row)
 
     def _load_cycles(self, where: str, params: Sequence[Any]) -> list[CycleState]:
-        rows = self.tx.fetchall(f"SELECT {', '.join(CYCLE_COLUMNS)} FROM {self.t_cycles} WHERE {where}", params)
+        rows = self.read(f"SELECT {', '.join(CYCLE_COLUMNS)} FROM {self.t_cycles} WHERE {where}", params)
         return [self._register(cycle_from_row(row)) if row[0] not in self.cycles else self.cycles[row[0]]
                 for row in rows]
 
     def preload(self, notes: Sequence[Note]) -> None:
-        """Load in a few queries what the page will touch (the fold loads any miss one by one)."""
-        tx = self.tx
-        row = tx.fetchone(f"SELECT value FROM {self.t_meta} WHERE name = 'watermark'")
-        self.watermark = self._stored_watermark = parse_iso(row[0]) if row and row[0] else None
-        for plan_id, version, slug, at, terms in tx.fetchall(
-                f"SELECT {', '.join(PLAN_COLUMNS)} FROM {self.t_plans} ORDER BY plan_id, version"):
-            self.plans.add(plan_id, int(version), parse_iso(at), slug, _decode(terms))
-            self._stored_versions.add((plan_id, int(version)))
+        """Load in a few queries what the page will touch and the fold does not hold yet (it loads any
+        miss one by one): on the run's first page the activity clock and every plan version too."""
+        if not self._started:
+            self._started = True
+            rows = self.read(f"SELECT value FROM {self.t_meta} WHERE name = 'watermark'", ())
+            self.watermark = self._stored_watermark = parse_iso(rows[0][0]) if rows and rows[0][0] else None
+            for plan_id, version, slug, at, terms in self.read(
+                    f"SELECT {', '.join(PLAN_COLUMNS)} FROM {self.t_plans} ORDER BY plan_id, version", ()):
+                self.plans.add(plan_id, int(version), parse_iso(at), slug, _decode(terms))
+                self._stored_versions.add((plan_id, int(version)))
 
         latest = self.watermark
         assignment_ids: set[str] = set()
         changed: set[str] = set()
         cycle_ids: set[str] = set()
         entries: list[tuple[str, datetime]] = []
+        times = self._times
+        times.clear()
         for note in notes:
             if note.topic == RECORDED_TOPIC:
                 state = note.state
+                text = state.at
                 try:
-                    at = self._times[state.at] = parse_iso(state.at.replace("Z", "+00:00"))
+                    at = times[text] = parse_iso(text.replace("Z", "+00:00"))
                 except ValueError:
                     continue
-                latest = at if latest is None or at > latest else latest
+                if latest is None or at > latest:
+                    latest = at
                 if state.outcome in BILLABLE_OUTCOMES and state.assignment_id and state.plan_id:
-                    assignment_ids.add(state.assignment_id)
                     entries.append((state.assignment_id, at))
             elif note.topic in ASSIGNMENT_TOPICS:
                 assignment_ids.add(note.originator_id)
@@ -256,11 +270,17 @@ class TableFold(BillingFold):
                 cycle_ids.add(note.originator_id)
                 if note.topic == TOPIC_CLOSED and isinstance(note.state, dict):
                     assignment_ids.add(str(note.state.get("assignment_id")))
-        self._load_assignments(assignment_ids)
+        self._load_assignments(assignment_ids.union(e[0] for e in entries))
+        counted: dict[str, tuple[datetime, datetime]] = {}    # the span of the cycle last counted, by assignment
         for assignment_id, at in entries:
+            span = counted.get(assignment_id)
+            if span is not None and span[0] <= at < span[1]:
+                continue
             assignment = self.assignments.get(assignment_id)
             if assignment is not None and at >= assignment.starts_at:
                 cycle_ids.add(self.cycle_id_at(assignment, at))
+                span = self._spans[assignment_id]
+                counted[assignment_id] = (span[0], span[1])
         for chunk in _chunks(i for i in cycle_ids if i not in self.cycles):
             self._load_cycles(f"id IN ({', '.join('?' * len(chunk))})", chunk)
         for chunk in _chunks(changed):
@@ -272,23 +292,34 @@ class TableFold(BillingFold):
             self._load_assignments(c.assignment_id for c in due)
             for cycle in due:
                 self._push_due(cycle)
-            starting = tx.fetchall(f"SELECT id FROM {self.t_assignments} WHERE next_us <= ?", (bound,))
+            starting = self.read(f"SELECT id FROM {self.t_assignments} WHERE next_us <= ?", (bound,))
             self._load_assignments(r[0] for r in starting)
             for (assignment_id,) in starting:
                 self._push_next(self.assignments[assignment_id])
 
-    def flush(self) -> None:
-        tx = self.tx
-        if self._dirty_cycles:
-            tx.executemany(_upsert_sql(self.t_cycles, CYCLE_COLUMNS, ("id",)),
-                           [cycle_row(c) for _, c in sorted(self._dirty_cycles.items())])
-        if self._dirty_assignments:
-            tx.executemany(_upsert_sql(self.t_assignments, ASSIGNMENT_COLUMNS, ("id",)),
-                           [_assignment_row(a) for _, a in sorted(self._dirty_assignments.items())])
+    def flush(self) -> Step:
+        """The rows the page changed, as a step writing them (the fold takes them as written)."""
+        cycles = [cycle_row(c) for _, c in sorted(self._dirty_cycles.items())]
+        assignments = [_assignment_row(a) for _, a in sorted(self._dirty_assignments.items())]
+        self._dirty_cycles.clear()
+        self._dirty_assignments.clear()
         new_versions = [(plan_id, v.version, v.slug, iso(v.at), _encode(v.terms).decode())
                         for plan_id, versions in sorted(self.plans.versions.items()) for v in versions
                         if (plan_id, v.version) not in self._stored_versions]
-        if new_versions:
-            tx.insert_many(self.t_plans, PLAN_COLUMNS, new_versions, key=("plan_id", "version"))
+        self._stored_versions.update((row[0], row[1]) for row in new_versions)
+        watermark = None
         if self.watermark is not None and self.watermark != self._stored_watermark:
-            tx.execute(_upsert_sql(self.t_meta, ("name", "value"), ("name",)), ("watermark", iso(self.watermark)))
+            watermark = self._stored_watermark = self.watermark
+        t_cycles, t_assignments, t_plans, t_meta = self.t_cycles, self.t_assignments, self.t_plans, self.t_meta
+
+        def write(tx: Tx) -> None:
+            if cycles:
+                tx.executemany(_upsert_sql(t_cycles, CYCLE_COLUMNS, ("id",)), cycles)
+            if assignments:
+                tx.executemany(_upsert_sql(t_assignments, ASSIGNMENT_COLUMNS, ("id",)), assignments)
+            if new_versions:
+                tx.insert_many(t_plans, PLAN_COLUMNS, new_versions, key=("plan_id", "version"))
+            if watermark is not None:
+                tx.execute(_upsert_sql(t_meta, ("name", "value"), ("name",)), ("watermark", iso(watermark)))
+
+        return write

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from fila.projections.db import Database, Tx
-from fila.projections.runner import Note, View
+from fila.projections.runner import Note, Run, Step, View
 
 TABLE = "audit_chain"
 GENESIS = hashlib.sha256(b"fila-audit-chain-v1").hexdigest()
@@ -82,14 +82,20 @@ class AuditChain(View):
                 "originator_version BIGINT NOT NULL, topic TEXT NOT NULL)"]
 
     def apply(self, tx: Tx, notes: list[Note], suffix: str = "") -> None:
+        self.stage(notes, suffix, Run(tx.fetchall))(tx)
+
+    def stage(self, notes: list[Note], suffix: str, run: Run) -> Step:
         table = f"{TABLE}{suffix}"
-        # the link just before this page, read inside the page's transaction (a repeated page
-        # links from the same place, and then inserts nothing: ON CONFLICT DO NOTHING)
-        row = tx.fetchone(f"SELECT link_hash FROM {table} WHERE notification_id < ? "
-                          "ORDER BY notification_id DESC LIMIT 1", (notes[0].id,))
-        previous = row[0] if row else GENESIS
+        previous = run.state.get("link")     # the last link of the run's previous page
+        if previous is None:
+            # the link just before this page, as committed (a repeated page links from the same
+            # place, and then inserts nothing: ON CONFLICT DO NOTHING)
+            found = run.read(f"SELECT link_hash FROM {table} WHERE notification_id < ? "
+                             "ORDER BY notification_id DESC LIMIT 1", (notes[0].id,))
+            previous = found[0][0] if found else GENESIS
         rows = chain_rows(previous, ((n.id, n.originator_id, n.version, n.topic, n.state) for n in notes))
-        tx.insert_many(table, COLUMNS, rows, key=("notification_id",))
+        run.state["link"] = rows[-1][1]
+        return lambda tx: tx.insert_many(table, COLUMNS, rows, key=("notification_id",))
 
 
 def views() -> list[View]:

@@ -8,7 +8,13 @@ apply the whole page, and writes the views' rows and the new tracking positions 
 transaction. A crash anywhere leaves the previous page boundary: nothing is skipped or counted
 twice. Each tracking update is conditional (``WHERE position = <page start>``), so a second
 follower, or a rebuild swapping tables in, makes the slower one roll back instead of double-apply.
-While a page is written, the next one is read and decoded on a read-ahead thread.
+
+Pages flow through three threads: the read-ahead thread reads and decodes page N+2, the
+projector's thread has every view *stage* page N+1 (``View.stage``: the Python work, rows and
+aggregates, outside any transaction), and the writer thread runs page N's staged writes and its
+tracking positions in that page's transaction. PostgreSQL runs in its own process, so on a
+machine with two cores its work on page N overlaps Python's on page N+1. Pages commit in order,
+and after a failed page no later one is written.
 
 Views at the same position are projected together (one read, one decode, one transaction);
 a view that lags (new, or just rebuilt) catches up alone up to the next view's position and
@@ -31,6 +37,10 @@ Subclass :class:`View` in its own module (``fila/projections/<name>.py``)::
         def apply(self, tx, notes, suffix=""):         # the whole page, inside the page's transaction
             tx.insert_many(f"billing_lines{suffix}", COLUMNS, rows, key=("entry_id",))
 
+        def stage(self, notes, suffix, run):           # optional: the Python work before the transaction
+            rows = [...]
+            return lambda tx: tx.insert_many(f"billing_lines{suffix}", COLUMNS, rows, key=("entry_id",))
+
 ``topics = None`` takes every topic of the log; ``raw = True`` leaves ``Note.state`` as the stored
 bytes (the audit chain hashes them); ``indexes_last = True`` (only if ``apply`` never reads the
 view's tables) lets a rebuild build the non-unique indexes once at the end. Give the module a
@@ -42,16 +52,25 @@ Python first and upsert each key once (``tx.insert_many(..., add=(...))``); neve
 clock or other views' tables. Index names must contain the table name with its suffix
 (``{table}{suffix}_..._idx``) so a rebuild can rename them. A view's DDL runs when one of its
 tables is missing; to change a view's schema, change its DDL and ``rebuild`` it.
+
+Without ``stage``, ``apply`` runs in the transaction on the writer thread. With it, ``stage``
+computes the page's rows and returns the step that writes them (``apply`` is then
+``stage(...)(tx)``). A view that reads its own tables to build a page (the audit chain's last
+link, billing's cycles) must not read rows that pages staged before may still be writing: it
+keeps what it wrote in ``run.state`` from page to page and reads, through ``run.read``, only what
+it never held (see :class:`Run`).
 """
 
 from __future__ import annotations
 
 import threading
-from abc import ABC, abstractmethod
 import time
+from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from importlib import import_module
 from typing import Any, ClassVar, NamedTuple
 
@@ -97,6 +116,24 @@ class Note(msgspec.Struct, frozen=True, gc=False):
     state: Any
 
 
+class Run:
+    """One run of consecutive pages through a view (``View.stage`` gets it with each page).
+
+    ``read(sql, params)`` returns rows as the pages staged before this one have left them once
+    committed, *except* what those pages changed: they may still be in flight. So a view reads
+    only what it does not hold in ``state`` (its own, carried from page to page): on the first page
+    it holds nothing and every read is up to date. A run ends with its last page or its first
+    error, and ``state`` with it: a view never carries state from a page that was not committed.
+    """
+
+    def __init__(self, read: Callable[[str, Sequence[Any]], list[tuple]]) -> None:
+        self.read = read
+        self.state: dict[str, Any] = {}
+
+
+Step = Callable[[Tx], None]     # a staged page's writes, run inside the page's transaction
+
+
 class View(ABC):
     """A read model built from some topics of the log; see the module docstring."""
 
@@ -115,6 +152,13 @@ class View(ABC):
     @abstractmethod
     def apply(self, tx: Tx, notes: list[Note], suffix: str = "") -> None:
         """Each view implements this."""
+
+    def stage(self, notes: list[Note], suffix: str, run: Run) -> Step:
+        """Prepare the page's writes before its transaction; the runner runs the returned step in it.
+
+        The projector stages page N+1 while page N is written, so a view doing its Python work here
+        overlaps the database's. The default stages nothing: ``apply`` runs in the transaction."""
+        return partial(self.apply, notes=notes, suffix=suffix)
 
 
 class ViewStatus(NamedTuple):
@@ -143,6 +187,13 @@ class _Page(NamedTuple):
 
 class PositionMoved(Exception):
     """Another writer moved a view's position since this page was read: the page is dropped."""
+
+
+class _Abandoned(Exception):
+    """A page handed to the writer after one that failed: never written."""
+
+
+_IN_FLIGHT = 2     # pages handed to the writer thread and not yet committed
 
 
 _TRACKING_DDL = (f'CREATE TABLE IF NOT EXISTS {TRACKING_TABLE} ("view" TEXT PRIMARY KEY, '
@@ -180,6 +231,7 @@ class Projector:
         self._ready = False
         self.pages = 0          # pages committed by this projector (catch-up, follow and rebuild)
         self._reader: ThreadPoolExecutor | None = None
+        self._writer: ThreadPoolExecutor | None = None
         direct_ok = (db.dialect == "postgres" and hasattr(recorder, "events_table_name")
                      and hasattr(getattr(recorder, "datastore", None), "schema"))
         if reader == "auto":
@@ -344,10 +396,11 @@ class Projector:
                 _log().info("event_log_analyzed", table=self.recorder.events_table_name)
 
     def close(self) -> None:
-        """Stop the read-ahead thread (the database and the store belong to the caller)."""
-        if self._reader is not None:
-            self._reader.shutdown(wait=True, cancel_futures=True)
-            self._reader = None
+        """Stop the read-ahead and writer threads (the database and the store belong to the caller)."""
+        for pool in (self._reader, self._writer):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._reader = self._writer = None
 
     # -- pages -------------------------------------------------------------------------------------
 
@@ -373,9 +426,14 @@ class Projector:
                  on_page: Callable[[int, int], None] | None = None) -> int:
         """Project ``views`` (all at ``start``) page by page up to ``end``.
 
-        The next page is read and decoded on the read-ahead thread while this one is written,
-        so Python's decoding overlaps the database's work. Returns events applied.
+        Three stages overlap: the read-ahead thread reads and decodes page N+2, this thread has the
+        views stage page N+1 (their Python work), the writer thread writes page N in its own
+        transaction (the database's work). Pages commit in order; after a failed page no later
+        one is written. Returns events applied (committed).
         """
+        runs = {view.name: Run(self.db.read) for view in views}
+        failed = threading.Event()
+        writing: deque[tuple[Future, _Page]] = deque()
         applied = pages = 0
         pending: Future | None = self._read_ahead(views, start, end)
         try:
@@ -385,14 +443,32 @@ class Projector:
                 more = (page.end < end and (max_pages is None or pages < max_pages)
                         and not (stop is not None and stop.is_set()))
                 pending = self._read_ahead(views, page.end, end) if more else None
-                self._write(views, page, suffix=suffix, track=track)
-                applied += page.count
-                if on_page is not None:
-                    on_page(applied, page.end)
+                steps = [view.stage(notes, suffix, runs[view.name]) for view, notes in page.notes if notes]
+                while len(writing) >= _IN_FLIGHT:
+                    applied = self._written(writing.popleft(), applied, on_page)
+                writing.append((self._write_ahead(views, page, steps, suffix, track, failed), page))
+            while writing:
+                applied = self._written(writing.popleft(), applied, on_page)
             return applied
         finally:
             if pending is not None:
                 pending.cancel()
+            for future, _ in writing:    # an error here: the pages already handed over finish first
+                future.exception()
+
+    def _written(self, item: tuple[Future, _Page], applied: int, on_page: Callable[[int, int], None] | None) -> int:
+        future, page = item
+        future.result()
+        applied += page.count
+        if on_page is not None:
+            on_page(applied, page.end)
+        return applied
+
+    def _write_ahead(self, views: Sequence[View], page: _Page, steps: list[Step], suffix: str, track: bool,
+                     failed: threading.Event) -> Future:
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fila-projections-write")
+        return self._writer.submit(self._write, views, page, steps, suffix=suffix, track=track, failed=failed)
 
     def _read_ahead(self, views: Sequence[View], start: int, end: int) -> Future:
         if self._reader is None:
@@ -420,18 +496,25 @@ class Projector:
         return self.db.select_events(self.recorder.datastore.schema, self.recorder.events_table_name,
                                      start, stop, limit, topics)
 
-    def _write(self, views: Sequence[View], page: _Page, *, suffix: str, track: bool) -> None:
-        with self.db.transaction(durable=False) as tx:
-            if track:   # rows first, in name order everywhere, so concurrent writers cannot deadlock
-                stamp = _now()
-                for view in sorted(views, key=lambda v: v.name):
-                    moved = tx.execute(f'UPDATE {TRACKING_TABLE} SET position = ?, updated_at = ? '
-                                       'WHERE "view" = ? AND position = ?', (page.end, stamp, view.name, page.start))
-                    if moved != 1:
-                        raise PositionMoved(view.name)
-            for view, notes in page.notes:
-                if notes:
-                    view.apply(tx, notes, suffix)
+    def _write(self, views: Sequence[View], page: _Page, steps: list[Step], *, suffix: str, track: bool,
+               failed: threading.Event) -> None:
+        if failed.is_set():
+            raise _Abandoned(f"page {page.start}..{page.end}: an earlier page failed")
+        try:
+            with self.db.transaction(durable=False) as tx:
+                if track:   # rows first, in name order everywhere, so concurrent writers cannot deadlock
+                    stamp = _now()
+                    for view in sorted(views, key=lambda v: v.name):
+                        moved = tx.execute(f'UPDATE {TRACKING_TABLE} SET position = ?, updated_at = ? '
+                                           'WHERE "view" = ? AND position = ?',
+                                           (page.end, stamp, view.name, page.start))
+                        if moved != 1:
+                            raise PositionMoved(view.name)
+                for step in steps:
+                    step(tx)
+        except BaseException:
+            failed.set()
+            raise
         self.pages += 1
         if track:
             with self._advanced:

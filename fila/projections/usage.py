@@ -36,7 +36,7 @@ from fila.domain.ledger import (BILLABLE_OUTCOMES, FORBIDDEN, OK, QUOTA_EXHAUSTE
                                 RECORDED_TOPIC)
 from fila.domain.time import iso, parse_iso
 from fila.projections.db import Database, Tx
-from fila.projections.runner import Note, View
+from fila.projections.runner import Note, Run, Step, View
 
 REFUSAL_OUTCOMES = frozenset({RATE_LIMITED, QUOTA_EXHAUSTED, FORBIDDEN})
 
@@ -87,6 +87,9 @@ class _RecordedView(View):
     state_types = {RECORDED_TOPIC: Recorded}
     indexes_last = True          # apply only writes
 
+    def apply(self, tx: Tx, notes: list[Note], suffix: str = "") -> None:
+        self.stage(notes, suffix, Run(tx.fetchall))(tx)
+
 
 # -- token_usage_log -----------------------------------------------------------------------------
 
@@ -114,7 +117,7 @@ class TokenUsageLog(_RecordedView):
             f"CREATE INDEX IF NOT EXISTS {t}_key_idx ON {t} (api_key_id, notification_id)",
         ]
 
-    def apply(self, tx: Tx, notes: list[Note], suffix: str = "") -> None:
+    def stage(self, notes: list[Note], suffix: str, run: Run) -> Step:
         rows = []
         append = rows.append
         for n in notes:
@@ -122,7 +125,7 @@ class TokenUsageLog(_RecordedView):
             append((n.originator_id, n.id, _utc(s.at), s.api_key_id, s.plan_id, s.assignment_id, s.model,
                     s.outcome, s.status, s.prompt_tokens, s.completion_tokens, s.total_tokens, s.cache,
                     s.cache_layer, s.tokens_saved, s.latency_us, s.stream, s.upstream, s.error))
-        tx.insert_many(f"token_usage_log{suffix}", LOG_COLUMNS, rows, key=("entry_id",))
+        return lambda tx: tx.insert_many(f"token_usage_log{suffix}", LOG_COLUMNS, rows, key=("entry_id",))
 
 
 # -- usage_daily ---------------------------------------------------------------------------------
@@ -143,7 +146,7 @@ class UsageDaily(_RecordedView):
         return [f"CREATE TABLE IF NOT EXISTS {t} (api_key_id {k} NOT NULL, day {k} NOT NULL, "
                 f"model {k} NOT NULL, {sums}, PRIMARY KEY (api_key_id, day, model))"]
 
-    def apply(self, tx: Tx, notes: list[Note], suffix: str = "") -> None:
+    def stage(self, notes: list[Note], suffix: str, run: Run) -> Step:
         acc: dict[tuple[str, str, str], list[int]] = {}
         for n in notes:
             s = n.state
@@ -167,8 +170,9 @@ class UsageDaily(_RecordedView):
                 a[5] += 1
             a[6] += s.tokens_saved
             a[9] += s.latency_us
-        tx.insert_many(f"usage_daily{suffix}", DAILY_KEY + DAILY_SUMS, [(*k, *a) for k, a in acc.items()],
-                       key=DAILY_KEY, add=DAILY_SUMS)
+        rows = [(*k, *a) for k, a in acc.items()]
+        return lambda tx: tx.insert_many(f"usage_daily{suffix}", DAILY_KEY + DAILY_SUMS, rows, key=DAILY_KEY,
+                                         add=DAILY_SUMS)
 
 
 # -- rate_limit_refusals ---------------------------------------------------------------------------
@@ -187,12 +191,12 @@ class RateLimitRefusals(_RecordedView):
                 "outcome TEXT NOT NULL, rule TEXT, counts TEXT)",
                 f"CREATE INDEX IF NOT EXISTS {t}_key_idx ON {t} (api_key_id, notification_id)"]
 
-    def apply(self, tx: Tx, notes: list[Note], suffix: str = "") -> None:
+    def stage(self, notes: list[Note], suffix: str, run: Run) -> Step:
         encode = msgspec.json.encode
         rows = [(n.originator_id, n.id, _utc(s.at), s.api_key_id, s.outcome, s.refusal_rule,
                  None if s.refusal_counts is None else encode(s.refusal_counts).decode())
                 for n in notes if (s := n.state).outcome in REFUSAL_OUTCOMES]
-        tx.insert_many(f"rate_limit_refusals{suffix}", REFUSAL_COLUMNS, rows, key=("entry_id",))
+        return lambda tx: tx.insert_many(f"rate_limit_refusals{suffix}", REFUSAL_COLUMNS, rows, key=("entry_id",))
 
 
 # -- cache_stats_daily -------------------------------------------------------------------------------
@@ -214,7 +218,7 @@ class CacheStatsDaily(_RecordedView):
         return [f"CREATE TABLE IF NOT EXISTS cache_stats_daily{suffix} (api_key_id {k} NOT NULL, "
                 f"day {k} NOT NULL, cache_layer {k} NOT NULL, {sums}, PRIMARY KEY (api_key_id, day, cache_layer))"]
 
-    def apply(self, tx: Tx, notes: list[Note], suffix: str = "") -> None:
+    def stage(self, notes: list[Note], suffix: str, run: Run) -> Step:
         acc: dict[tuple[str, str, str], list[int]] = {}
         for n in notes:
             s = n.state
@@ -228,8 +232,9 @@ class CacheStatsDaily(_RecordedView):
             a[0] += 1
             a[slot] += 1
             a[5] += s.tokens_saved
-        tx.insert_many(f"cache_stats_daily{suffix}", CACHE_KEY + CACHE_SUMS, [(*k, *a) for k, a in acc.items()],
-                       key=CACHE_KEY, add=CACHE_SUMS)
+        rows = [(*k, *a) for k, a in acc.items()]
+        return lambda tx: tx.insert_many(f"cache_stats_daily{suffix}", CACHE_KEY + CACHE_SUMS, rows, key=CACHE_KEY,
+                                         add=CACHE_SUMS)
 
 
 def views() -> list[View]:

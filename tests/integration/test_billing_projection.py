@@ -28,7 +28,7 @@ from fila.domain.time import iso
 from fila.projections.billing import CYCLE_COLUMNS, BillingView, cycle_row
 from fila.projections.db import open_database
 from fila.projections.planbook import PlanBook
-from fila.projections.runner import Projector
+from fila.projections.runner import Projector, Run, Step
 from fila.services.billing import BillingService, CycleCloser
 from tests.support import FakeClock
 
@@ -48,17 +48,25 @@ class CrashingBillingView(BillingView):
     def __init__(self) -> None:
         self.pages = 0
 
-    def apply(self, tx: Any, notes: list, suffix: str = "") -> None:
-        super().apply(tx, notes, suffix)
-        self.pages += 1
-        if self.pages == 3:
-            raise RuntimeError("the projector dies mid-page")
+    def stage(self, notes: list, suffix: str, run: Run) -> Step:
+        write = super().stage(notes, suffix, run)
+
+        def crash_on_the_third(tx: Any) -> None:
+            write(tx)
+            self.pages += 1
+            if self.pages == 3:
+                raise RuntimeError("the projector dies mid-page")
+        return crash_on_the_third
 
 
 class SlowBillingView(BillingView):
-    def apply(self, tx: Any, notes: list, suffix: str = "") -> None:
-        time.sleep(0.2)
-        super().apply(tx, notes, suffix)
+    def stage(self, notes: list, suffix: str, run: Run) -> Step:
+        write = super().stage(notes, suffix, run)
+
+        def slowly(tx: Any) -> None:
+            time.sleep(0.2)
+            write(tx)
+        return slowly
 
 
 class Following:
