@@ -62,7 +62,7 @@ _INTS = {"plan_version", "requests", "cache_hits", "input_tokens", "output_token
          "ends_us"}
 
 
-class BillingRecorded(msgspec.Struct, kw_only=True):
+class BillingRecorded(msgspec.Struct, kw_only=True, gc=False):
     """The fields of ``fila:LedgerEntry.Recorded`` the fold reads (the rest is skipped when decoding)."""
 
     api_key_id: str = ""

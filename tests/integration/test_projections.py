@@ -467,6 +467,27 @@ def test_insert_many_skips_known_keys_and_adds_sums(env: Env, n: int) -> None:
     assert env.db.read("SELECT COUNT(*) FROM t_rows")[0][0] == n + 1
 
 
+def test_insert_many_copies_every_column_type_views_use_and_values_binary_will_not_take(env: Env) -> None:
+    uuid_type = "UUID" if env.db.dialect == "postgres" else "TEXT"
+    with env.db.transaction() as tx:
+        tx.execute(f"CREATE TABLE t_typed (id {uuid_type} PRIMARY KEY, n BIGINT, small INTEGER, flag BOOLEAN, "
+                   'label TEXT, keyed TEXT COLLATE "C")' if env.db.dialect == "postgres" else
+                   f"CREATE TABLE t_typed (id {uuid_type} PRIMARY KEY, n BIGINT, small INTEGER, flag BOOLEAN, "
+                   "label TEXT, keyed TEXT)")
+    ids = [uuid4() for _ in range(1_200)]
+    rows = [(str(u), i, i % 7, i % 2 == 0, None if i % 5 == 0 else f"é\t{i}\n", f"k{i}") for i, u in enumerate(ids)]
+    odd = [(str(uuid4()).upper(), -1, 1, True, 42, "x")] + \
+          [(str(uuid4()), -2, 2, False, i, f"y{i}") for i in range(600)]   # ints for a text column
+    with env.db.transaction() as tx:
+        tx.insert_many("t_typed", ("id", "n", "small", "flag", "label", "keyed"), rows, key=("id",))
+        tx.insert_many("t_typed", ("id", "n", "small", "flag", "label", "keyed"), odd, key=("id",))
+    back = env.db.read("SELECT id, n, small, flag, label, keyed FROM t_typed")
+    got = {str(r[0]).lower(): (r[1], r[2], bool(r[3]), r[4], r[5]) for r in back}
+    assert [got[str(u)] for u in ids] == [r[1:] for r in rows]
+    assert sorted(v[3] for v in got.values() if v[4].startswith("y")) == sorted(str(i) for i in range(600))
+    assert got[odd[0][0].lower()][3] == "42"
+
+
 # -- readers ---------------------------------------------------------------------------------------
 
 
