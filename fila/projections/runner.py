@@ -484,8 +484,7 @@ class Projector:
         rows = self._select(start, stop, self.page, topics)
         # a short page means every event up to ``stop`` has been seen (the store commits in id order)
         new_position = rows[-1][0] if len(rows) >= self.page else stop
-        cache: dict[tuple, list[Note]] = {}
-        return _Page(start, new_position, len(rows), [(view, self._notes(rows, view, cache)) for view in views])
+        return _Page(start, new_position, len(rows), list(zip(views, self._shares(rows, views))))
 
     def _select_recorded(self, start: int, stop: int, limit: int, topics: list[str] | None) -> list[tuple]:
         notes = self.recorder.select_notifications(start=start, limit=limit, stop=stop, topics=topics or (),
@@ -520,19 +519,55 @@ class Projector:
             with self._advanced:
                 self._advanced.notify_all()
 
-    def _notes(self, rows: Sequence[tuple], view: View, cache: dict[tuple, list[Note]]) -> list[Note]:
-        """The page as ``view`` sees it; views that see it alike share one decoded list."""
-        topics = None if view.topics is None else frozenset(view.topics)
-        types = dict(view.state_types)
-        key = (view.raw, topics, tuple(sorted((t, id(k)) for t, k in types.items())))
-        if key not in cache:
+    def _shares(self, rows: Sequence[tuple], views: Sequence[View]) -> list[list[Note]]:
+        """Each view's share of the page; views that see it alike share one list.
+
+        A state is decoded once for every view that wants it as one Struct, or as a base class
+        of the Struct another view of the group wants: an object of the subclass is one of the
+        base, and a state the subclass refuses stops the page for the whole group anyway (the
+        group reads it once). Dicts are shared only by views that see the page alike."""
+        present = {r[3] for r in rows}
+        seen = [present if v.topics is None else present.intersection(v.topics) for v in views]
+        kinds: dict[str, set[type]] = {}            # topic -> the Structs views want it as
+        for view, topics in zip(views, seen):
+            if not view.raw:
+                for topic in topics:
+                    if (kind := view.state_types.get(topic)) is not None:
+                        kinds.setdefault(topic, set()).add(kind)
+
+        def decoded_as(topic: str, kind: type) -> type:
+            narrower = [k for k in kinds[topic] if issubclass(k, kind)]
+            narrowest = [k for k in narrower if all(issubclass(k, other) for other in narrower)]
+            return narrowest[0] if len(narrowest) == 1 else kind
+
+        columns: dict[type, dict[str, None]] = {}   # Struct -> the topics decoded as it
+        plans: list[dict[str, type | None] | None] = []
+        for view, topics in zip(views, seen):
             if view.raw:
-                cache[key] = [Note(r[0], r[3], r[1], r[2], r[4]) for r in rows if topics is None or r[3] in topics]
-            else:
-                seen = topics if topics is not None else {r[3] for r in rows}
-                decode = {topic: self._decoder(types.get(topic)) for topic in seen}
-                cache[key] = [Note(r[0], r[3], r[1], r[2], decode[r[3]](r[4])) for r in rows if r[3] in decode]
-        return cache[key]
+                plans.append(None)
+                continue
+            plan = {t: None if (k := view.state_types.get(t)) is None else decoded_as(t, k) for t in topics}
+            for topic, kind in plan.items():
+                if kind is not None:
+                    columns.setdefault(kind, {})[topic] = None
+            plans.append(plan)
+        states = {kind: [decode(r[4]) if r[3] in topics else None for r in rows]   # aligned with rows
+                  for kind, topics in columns.items() for decode in (self._decoder(kind),)}
+        dicts = self._decoder(None)
+        shares: dict[tuple, list[Note]] = {}
+        out = []
+        for topics, plan in zip(seen, plans):
+            key = (("raw", frozenset(topics)) if plan is None
+                   else ("decoded", tuple(sorted((t, id(k)) for t, k in plan.items()))))
+            if key not in shares:
+                if plan is None:
+                    shares[key] = [Note(r[0], r[3], r[1], r[2], r[4]) for r in rows if r[3] in topics]
+                else:
+                    picks = {t: None if k is None else states[k] for t, k in plan.items()}
+                    shares[key] = [Note(r[0], t, r[1], r[2], dicts(r[4]) if (col := picks[t]) is None else col[i])
+                                   for i, r in enumerate(rows) if (t := r[3]) in picks]
+            out.append(shares[key])
+        return out
 
     def _decoder(self, kind: type | None) -> Callable[[bytes], Any]:
         if kind not in self._decoders:

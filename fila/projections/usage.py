@@ -35,14 +35,18 @@ import msgspec
 from fila.domain.ledger import (BILLABLE_OUTCOMES, FORBIDDEN, OK, QUOTA_EXHAUSTED, RATE_LIMITED,
                                 RECORDED_TOPIC)
 from fila.domain.time import iso, parse_iso
+from fila.projections.billing import BillingRecorded
 from fila.projections.db import Database, Tx
 from fila.projections.runner import Note, Run, Step, View
 
 REFUSAL_OUTCOMES = frozenset({RATE_LIMITED, QUOTA_EXHAUSTED, FORBIDDEN})
 
 
-class Recorded(msgspec.Struct, kw_only=True, gc=False):
-    """The state of ``fila:LedgerEntry.Recorded`` as the usage views read it (other fields skipped)."""
+class Recorded(BillingRecorded, kw_only=True, gc=False):
+    """The state of ``fila:LedgerEntry.Recorded`` as the usage views read it (other fields skipped).
+
+    A subclass of the billing view's Struct, stricter and with more fields: projected together,
+    the views decode each state once (see ``Projector._shares``)."""
 
     api_key_id: str
     at: str

@@ -21,9 +21,11 @@ import pytest
 import structlog
 
 from fila.adapters.eventstore import FilaStore, open_store
-from fila.domain.ledger import BILLABLE_OUTCOMES, BreakerTransition, LedgerEntry
+from fila.domain.ledger import BILLABLE_OUTCOMES, RECORDED_TOPIC, BreakerTransition, LedgerEntry
 from fila.projections import cli as projections_cli
 from fila.projections import usage
+from fila.projections.billing import BillingRecorded, BillingView
+from fila.projections.chain import AuditChain
 from fila.projections.db import Database, Tx, open_database
 from fila.projections.runner import Note, Projector, View
 
@@ -443,6 +445,26 @@ def test_direct_reader_reads_what_the_recorder_reads(env: Env) -> None:
             direct = env.projector._select_direct(start, stop, limit, topics)
             recorded = env.projector._select_recorded(start, stop, limit, topics)
             assert [tuple(r) for r in direct] == [tuple(r) for r in recorded]
+
+
+def test_a_state_wanted_as_a_struct_and_as_its_base_is_decoded_once(env: Env) -> None:
+    rng = random.Random(11)
+    last = env.save(*(make_entry(rng, i) for i in range(5)),
+                    BreakerTransition(id=uuid4(), breaker="b", from_state="closed", to_state="open", reason="r",
+                                      at=DAY0.isoformat(), process="p"))
+    together = env.projector_with([*usage.views(), BillingView(), AuditChain()])
+    page = together._fetch(together.views, 0, last)
+    notes = {view.name: share for view, share in page.notes}
+    recorded = [n for n in notes["billing"] if n.topic == RECORDED_TOPIC]
+    assert len(recorded) == 5 and all(type(n.state) is usage.Recorded for n in recorded)
+    assert all(a.state is b.state for a, b in zip(recorded, notes["token_usage_log"], strict=True))
+    assert notes["usage_daily"] is notes["token_usage_log"]
+    assert [type(n.state) for n in notes["audit_chain"]] == [bytes] * 6
+    alone = env.projector_with([BillingView()])               # billing alone keeps its own, laxer Struct
+    [(_, share)] = alone._fetch(alone.views, 0, last).notes
+    assert [type(n.state) for n in share] == [BillingRecorded] * 5
+    together.close()
+    alone.close()
 
 
 # -- the dialect layer --------------------------------------------------------------------------------
