@@ -346,15 +346,15 @@ class RateLimiter:
         args = [len(limits.rules), *(_ttl(now, seconds) for _, _, seconds, _ in limits.rules),
                 *(limit for _, limit, _, _ in windows)]
         try:
-            async with asyncio.timeout(self._timeout_s):
-                if self._sending or self._asks:      # checks on their way: join the next batch
-                    place, reply = await self._ask((tuple(keys), tuple(args)))
-                else:                                # idle: this one goes now, no tick waited
-                    self._sending += 1
-                    try:
+            if self._sending or self._asks:      # checks on their way: join the next batch (its deadline)
+                place, reply = await self._ask((tuple(keys), tuple(args)))
+            else:                                # idle: this one goes now, no tick waited
+                self._sending += 1
+                try:
+                    async with asyncio.timeout(self._timeout_s):
                         place, reply = 0, await self._check_script(keys=keys, args=[1, *args])
-                    finally:
-                        self._sending -= 1
+                finally:
+                    self._sending -= 1
         except (RedisError, OSError) as exc:  # OSError: TimeoutError, ConnectionError
             self._redis_failed(exc)
             return self._fallback.check(key_id, limits, now=now, degraded=True)
@@ -390,8 +390,17 @@ class RateLimiter:
         groups = list(asks.items())
         self._sending += 1
         try:
-            replies = await asyncio.gather(*(self._scripts.call(self._check_script, list(keys), [len(futures), *args])
-                                             for (keys, args), futures in groups), return_exceptions=True)
+            async with asyncio.timeout(self._timeout_s):     # one deadline for the whole batch
+                replies = await asyncio.gather(*(self._scripts.call(self._check_script, list(keys), [len(futures), *args])
+                                                 for (keys, args), futures in groups), return_exceptions=True)
+        except TimeoutError as exc:
+            replies = [exc] * len(groups)
+        except BaseException:   # cancelled (shutdown): nobody is left waiting for an answer
+            for _, futures in groups:
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(RedisError("the check was abandoned"))
+            raise
         finally:
             self._sending -= 1
         for (_, futures), reply in zip(groups, replies):
@@ -424,11 +433,7 @@ class RateLimiter:
             loop = asyncio.get_running_loop()
             flushed = self._owed_flushed = loop.create_future()
             loop.call_soon(self._flush_owed)
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                error = await asyncio.shield(flushed)
-        except TimeoutError as exc:
-            error = exc
+        error = await flushed           # the flush has the deadline
         if error is not None:
             self._redis_failed(error)
 
@@ -443,7 +448,15 @@ class RateLimiter:
 
     async def _send_owed(self, owed: dict[str, list[int]], flushed: asyncio.Future) -> None:
         calls = [self._scripts.call(self._tokens_script, [key], [tokens, ttl]) for key, (tokens, ttl) in owed.items()]
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                results = await asyncio.gather(*calls, return_exceptions=True)
+        except TimeoutError as exc:
+            results = [exc]
+        except BaseException:
+            if not flushed.done():
+                flushed.set_result(RedisError("the token count was abandoned"))
+            raise
         failure = next((r for r in results if isinstance(r, (RedisError, OSError))), None)
         if not flushed.done():
             flushed.set_result(failure)
