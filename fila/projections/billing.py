@@ -22,7 +22,8 @@ Tables (each + the rebuild suffix):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -40,6 +41,7 @@ from fila.projections.runner import Note, Run, Step, View
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 _CHUNK = 500
+_EVENT = attrgetter("id", "topic", "originator_id", "state", "version")   # a Note as the fold takes an event
 
 CYCLE_FIGURES = ("plan_id", "plan_slug", "plan_version", "requests", "cache_hits", "input_tokens", "output_tokens",
                  "billable_input_tokens", "billable_output_tokens", "included_tokens", "included_used",
@@ -74,6 +76,16 @@ class BillingRecorded(msgspec.Struct, kw_only=True, gc=False):
     plan_id: str | None = None
     plan_version: int | None = None
     assignment_id: str | None = None
+
+
+def _request_time(text: str) -> datetime:
+    """``parse_iso(text.replace("Z", "+00:00"))`` (what the fold reads a request time as), made
+    cheaper for the times FILA writes (``iso()``: already UTC)."""
+    if "Z" not in text:
+        at = datetime.fromisoformat(text)
+        if at.tzinfo is UTC:
+            return at
+    return parse_iso(text.replace("Z", "+00:00"))
 
 
 def _ddl_type(column: str) -> str:
@@ -114,7 +126,7 @@ class BillingView(View):
         if fold is None:
             fold = run.state["fold"] = TableFold(run.read, suffix)
         fold.preload(notes)
-        fold.apply_many([(note.id, note.topic, note.originator_id, note.state, note.version) for note in notes])
+        fold.apply_many(map(_EVENT, notes))
         return fold.flush()
 
 
@@ -255,7 +267,7 @@ class TableFold(BillingFold):
                 state = note.state
                 text = state.at
                 try:
-                    at = times[text] = parse_iso(text.replace("Z", "+00:00"))
+                    at = times[text] = _request_time(text)
                 except ValueError:
                     continue
                 if latest is None or at > latest:

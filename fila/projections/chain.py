@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from operator import attrgetter
 from typing import Any
 
 from fila.projections.db import Database, Tx
@@ -34,6 +35,7 @@ GENESIS = hashlib.sha256(b"fila-audit-chain-v1").hexdigest()
 COLUMNS = ("notification_id", "link_hash", "event_hash", "originator_id", "originator_version", "topic")
 
 _sha256 = hashlib.sha256
+_LINKED = attrgetter("id", "originator_id", "version", "topic", "state")   # a Note as chain_rows takes it
 
 
 def event_hash(notification_id: int, originator_id: Any, originator_version: int, topic: str,
@@ -93,7 +95,7 @@ class AuditChain(View):
             found = run.read(f"SELECT link_hash FROM {table} WHERE notification_id < ? "
                              "ORDER BY notification_id DESC LIMIT 1", (notes[0].id,))
             previous = found[0][0] if found else GENESIS
-        rows = chain_rows(previous, ((n.id, n.originator_id, n.version, n.topic, n.state) for n in notes))
+        rows = chain_rows(previous, map(_LINKED, notes))
         run.state["link"] = rows[-1][1]
         return lambda tx: tx.insert_many(table, COLUMNS, rows, key=("notification_id",))
 

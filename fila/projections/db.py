@@ -55,8 +55,8 @@ class Tx(ABC):
         """Each dialect implements this."""
 
     @abstractmethod
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """Each dialect implements this."""
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """Run ``sql`` for each row (on Postgres in one round trip); the total row count."""
 
     @abstractmethod
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
@@ -149,11 +149,11 @@ class Listener:
 class _PgTx(Tx):
     dialect = POSTGRES
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, column_types: dict[str, dict[str, int]] | None = None) -> None:
         self.conn = conn
         self.cur = conn.cursor()
         self._staged: set[str] = set()
-        self._column_types: dict[str, dict[str, int]] = {}   # table -> column -> type oid, this transaction
+        self._column_types = {} if column_types is None else column_types   # table -> column -> type oid
 
     @staticmethod
     def _sql(sql: str) -> str:
@@ -163,9 +163,11 @@ class _PgTx(Tx):
         self.cur.execute(self._sql(sql), params or None)
         return self.cur.rowcount
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        if rows:
-            self.cur.executemany(self._sql(sql), rows)
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        if not rows:
+            return 0
+        self.cur.executemany(self._sql(sql), rows)
+        return self.cur.rowcount
 
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         self.cur.execute(self._sql(sql), params or None)
@@ -209,7 +211,9 @@ class _PgTx(Tx):
                     self._copy(table, columns, rows, types)
                     return True
                 except (TypeError, ValueError, OverflowError, psycopg.DataError):
-                    pass            # a value binary will not take: text takes it, or says what is wrong
+                    # a value binary will not take (text takes it, or says what is wrong), or the
+                    # table was made again with other types: read them again next time
+                    self._column_types.pop(table, None)
             self._copy(table, columns, rows, None)
         except psycopg.errors.UniqueViolation:
             return False
@@ -227,7 +231,8 @@ class _PgTx(Tx):
                     copy.write_row(row)
 
     def _binary_types(self, table: str, columns: Sequence[str]) -> list[int] | None:
-        """The type oids of ``columns`` if a binary COPY can write them all, else None."""
+        """The type oids of ``columns`` if a binary COPY can write them all, else None (read once per
+        table and database; a COPY refused for its types forgets them)."""
         if table not in self._column_types:
             self.cur.execute("SELECT attname, atttypid::int FROM pg_attribute WHERE attrelid = %s::regclass "
                              "AND attnum > 0 AND NOT attisdropped", (table,))
@@ -276,6 +281,7 @@ class PostgresDatabase(Database):
         query = parse_qs(parts.query)
         self.schema = ident(query.pop("schema", ["public"])[0])
         self.conninfo = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
+        self._column_types: dict[str, dict[str, int]] = {}
         dumper = _uuid_text_dumper()
         self._pool = ConnectionPool(self.conninfo, min_size=1, max_size=max_size, open=True,
                                     kwargs={"autocommit": True, "options": f"-c search_path={self.schema}"},
@@ -287,7 +293,7 @@ class PostgresDatabase(Database):
     @contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[Tx]:
         with self._pool.connection() as conn, conn.transaction():
-            tx = _PgTx(conn)
+            tx = _PgTx(conn, self._column_types)
             if not durable:
                 tx.cur.execute("SET LOCAL synchronous_commit = off")
             try:
@@ -426,9 +432,8 @@ class _SqliteTx(Tx):
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         return self.conn.execute(sql, params).rowcount
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        if rows:
-            self.conn.executemany(sql, rows)
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        return self.conn.executemany(sql, rows).rowcount if rows else 0
 
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         return self.conn.execute(sql, params).fetchall()

@@ -63,12 +63,14 @@ it never held (see :class:`Run`).
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import partial
 from importlib import import_module
@@ -194,6 +196,31 @@ class _Abandoned(Exception):
 
 
 _IN_FLIGHT = 2     # pages handed to the writer thread and not yet committed
+
+# While pages flow, the interpreter switches threads at least this often (the default is 5 ms).
+# The writer and read-ahead threads wait on PostgreSQL and need the GIL back after each reply; at
+# 5 ms each reply can leave PostgreSQL idle for 5 ms while this thread stages the next page.
+SWITCH_INTERVAL = 0.0005
+_switching_lock = threading.Lock()
+_switching = {"runs": 0, "saved": 0.0}
+
+
+@contextmanager
+def _quick_switching() -> Iterator[None]:
+    """``sys.setswitchinterval(SWITCH_INTERVAL)`` (if shorter) while any projector runs pages in
+    this process; the interval it found comes back when the last one stops."""
+    with _switching_lock:
+        if _switching["runs"] == 0:
+            _switching["saved"] = sys.getswitchinterval()
+            sys.setswitchinterval(min(SWITCH_INTERVAL, _switching["saved"]))
+        _switching["runs"] += 1
+    try:
+        yield
+    finally:
+        with _switching_lock:
+            _switching["runs"] -= 1
+            if _switching["runs"] == 0:
+                sys.setswitchinterval(_switching["saved"])
 
 
 _TRACKING_DDL = (f'CREATE TABLE IF NOT EXISTS {TRACKING_TABLE} ("view" TEXT PRIMARY KEY, '
@@ -431,6 +458,11 @@ class Projector:
         transaction (the database's work). Pages commit in order; after a failed page no later
         one is written. Returns events applied (committed).
         """
+        with _quick_switching():
+            return self._pages(views, start, end, suffix, track, max_pages, stop, on_page)
+
+    def _pages(self, views: Sequence[View], start: int, end: int, suffix: str, track: bool, max_pages: int | None,
+               stop: threading.Event | None, on_page: Callable[[int, int], None] | None) -> int:
         runs = {view.name: Run(self.db.read) for view in views}
         failed = threading.Event()
         writing: deque[tuple[Future, _Page]] = deque()
@@ -503,12 +535,12 @@ class Projector:
             with self.db.transaction(durable=False) as tx:
                 if track:   # rows first, in name order everywhere, so concurrent writers cannot deadlock
                     stamp = _now()
-                    for view in sorted(views, key=lambda v: v.name):
-                        moved = tx.execute(f'UPDATE {TRACKING_TABLE} SET position = ?, updated_at = ? '
+                    names = sorted(view.name for view in views)
+                    moved = tx.executemany(f'UPDATE {TRACKING_TABLE} SET position = ?, updated_at = ? '
                                            'WHERE "view" = ? AND position = ?',
-                                           (page.end, stamp, view.name, page.start))
-                        if moved != 1:
-                            raise PositionMoved(view.name)
+                                           [(page.end, stamp, name, page.start) for name in names])
+                    if moved != len(names):
+                        raise PositionMoved(", ".join(names))
                 for step in steps:
                     step(tx)
         except BaseException:

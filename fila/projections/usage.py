@@ -154,7 +154,8 @@ class UsageDaily(_RecordedView):
         acc: dict[tuple[str, str, str], list[int]] = {}
         for n in notes:
             s = n.state
-            key = (s.api_key_id, _utc(s.at)[:10], s.model)
+            at = s.at
+            key = (s.api_key_id, at[:10] if at.endswith("+00:00") else _utc(at)[:10], s.model)
             a = acc.get(key)
             if a is None:
                 a = acc[key] = [0] * 10
@@ -229,7 +230,8 @@ class CacheStatsDaily(_RecordedView):
             slot = _CACHE_SLOT.get(s.cache)
             if slot is None:
                 continue
-            key = (s.api_key_id, _utc(s.at)[:10], s.cache_layer or "-")
+            at = s.at
+            key = (s.api_key_id, at[:10] if at.endswith("+00:00") else _utc(at)[:10], s.cache_layer or "-")
             a = acc.get(key)
             if a is None:
                 a = acc[key] = [0] * 6
