@@ -72,6 +72,7 @@ TOPICS = (RECORDED_TOPIC, *PLAN_TOPICS, *ASSIGNMENT_TOPICS, *CYCLE_TOPICS)
 _US = timedelta(microseconds=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _LONG_AGO = datetime(1, 1, 1, tzinfo=UTC)
+_NEVER = datetime.max.replace(tzinfo=UTC)
 
 
 def micros(moment: datetime) -> int:
@@ -403,59 +404,63 @@ class BillingFold:
             for event in events:
                 self.apply(*event)
             return
+        request_time = self._request_time
         run: _Run | None = None
+        requests: list[tuple[int, int, bool]] = []     # the run's
+        low = high = _NEVER
         limit = self._clock_limit()
-        for event in events:
-            position, topic, entry_id, state, version = event
-            if topic != RECORDED_TOPIC:
-                if run is not None:
-                    self._tally(run)
-                    run = None
-                self.apply(position, topic, entry_id, state, version)
-                limit = self._clock_limit()
-                continue
-            try:
-                fields = _request_fields(state)
-            except AttributeError:                 # a dict, or an object missing some
-                fields = _request(state)
-            text, outcome, assignment_id, plan_id, plan_version, prompt, completion, cache = fields
-            at = self._request_time(text)
-            if at is None:
-                continue                           # apply ignores it too
-            watermark = self.watermark
-            clock = at if watermark is None or at > watermark else watermark
-            if limit is not None and clock >= limit:   # cycles become due or start: one by one
-                if run is not None:
-                    self._tally(run)
-                    run = None
-                self.apply(position, topic, entry_id, state, version)
-                limit = self._clock_limit()
-                continue
-            if not (outcome in BILLABLE_OUTCOMES and assignment_id and plan_id):
-                self.watermark = clock
-                continue
-            key = (assignment_id, plan_id, plan_version if isinstance(plan_version, int) else 1)
-            if run is not None and (key != run.key or not run.low <= at < run.high or not entry_id):
+        watermark = self.watermark                      # self.watermark, kept here until apply needs it
+        for position, topic, entry_id, state, version in events:
+            if topic == RECORDED_TOPIC:
+                try:
+                    fields = _request_fields(state)
+                except AttributeError:                 # a dict, or an object missing some
+                    fields = _request(state)
+                text, outcome, assignment_id, plan_id, plan_version, prompt, completion, cache = fields
+                at = request_time(text)
+                if at is None:
+                    continue                           # apply ignores it too
+                clock = at if watermark is None or at > watermark else watermark
+                if clock < limit:                      # else cycles become due or start: apply, one by one
+                    if not (outcome in BILLABLE_OUTCOMES and assignment_id and plan_id):
+                        watermark = clock
+                        continue
+                    if not isinstance(plan_version, int):
+                        plan_version = 1
+                    if (run is not None and low <= at < high and entry_id and assignment_id == run.key[0]
+                            and plan_id == run.key[1] and plan_version == run.key[2]):
+                        watermark = clock
+                        requests.append((prompt if type(prompt) is int and prompt > 0 else _count(prompt),
+                                         completion if type(completion) is int and completion > 0
+                                         else _count(completion), cache == "hit"))
+                        run.position = position
+                        continue
+                    if run is not None:
+                        self._tally(run)
+                    run = self._run((assignment_id, plan_id, plan_version), at) if entry_id else None
+                    if run is not None:
+                        requests, low, high = run.requests, run.low, run.high
+                        watermark = clock
+                        requests.append((prompt if type(prompt) is int and prompt > 0 else _count(prompt),
+                                         completion if type(completion) is int and completion > 0
+                                         else _count(completion), cache == "hit"))
+                        run.position = position
+                        continue
+            if run is not None:
                 self._tally(run)
                 run = None
-            if run is None:
-                run = self._run(key, at) if entry_id else None
-                if run is None:
-                    self.apply(position, topic, entry_id, state, version)
-                    limit = self._clock_limit()
-                    continue
-            self.watermark = clock
-            run.requests.append((prompt if type(prompt) is int and prompt > 0 else _count(prompt),
-                                 completion if type(completion) is int and completion > 0 else _count(completion),
-                                 cache == "hit"))
-            run.position = position
+            self.watermark = watermark
+            self.apply(position, topic, entry_id, state, version)
+            watermark = self.watermark
+            limit = self._clock_limit()
         if run is not None:
             self._tally(run)
+        self.watermark = watermark
 
-    def _clock_limit(self) -> datetime | None:
-        """The earliest activity clock at which ``_close_due`` has work (None: never)."""
+    def _clock_limit(self) -> datetime:
+        """The earliest activity clock at which ``_close_due`` has work (``_NEVER``: none)."""
         tops = [heap[0][0] for heap in (self._due, self._next) if heap]
-        return _EPOCH + min(tops) * _US if tops else None
+        return _EPOCH + min(tops) * _US if tops else _NEVER
 
     def _run(self, key: tuple[str, str, int], at: datetime) -> _Run | None:
         """A run of requests billed as ``_bill`` would bill a request of ``key`` at ``at``, if ``_bill``

@@ -583,8 +583,8 @@ class Projector:
                 if kind is not None:
                     columns.setdefault(kind, {})[topic] = None
             plans.append(plan)
-        states = {kind: [decode(r[4]) if r[3] in topics else None for r in rows]   # aligned with rows
-                  for kind, topics in columns.items() for decode in (self._decoder(kind),)}
+        decoded = {kind: [Note(r[0], r[3], r[1], r[2], decode(r[4])) if r[3] in topics else None for r in rows]
+                   for kind, topics in columns.items() for decode in (self._decoder(kind),)}   # aligned with rows
         dicts = self._decoder(None)
         shares: dict[tuple, list[Note]] = {}
         out = []
@@ -595,8 +595,8 @@ class Projector:
                 if plan is None:
                     shares[key] = [Note(r[0], r[3], r[1], r[2], r[4]) for r in rows if r[3] in topics]
                 else:
-                    picks = {t: None if k is None else states[k] for t, k in plan.items()}
-                    shares[key] = [Note(r[0], t, r[1], r[2], dicts(r[4]) if (col := picks[t]) is None else col[i])
+                    picks = {t: None if k is None else decoded[k] for t, k in plan.items()}
+                    shares[key] = [Note(r[0], t, r[1], r[2], dicts(r[4])) if (col := picks[t]) is None else col[i]
                                    for i, r in enumerate(rows) if (t := r[3]) in picks]
             out.append(shares[key])
         return out
