@@ -43,7 +43,8 @@ Subclass :class:`View` in its own module (``fila/projections/<name>.py``)::
 
 ``topics = None`` takes every topic of the log; ``raw = True`` leaves ``Note.state`` as the stored
 bytes (the audit chain hashes them); ``indexes_last = True`` (only if ``apply`` never reads the
-view's tables) lets a rebuild build the non-unique indexes once at the end. Give the module a
+view's tables) lets a rebuild of such views alone build the non-unique indexes once at the end.
+Give the module a
 ``views() -> list[View]`` function and list the module in ``VIEW_MODULES``
 below (or call ``register_view_module`` before building the projector). Rules for ``apply``:
 write only through ``tx`` and only into your own tables (+ ``suffix``); be idempotent per
@@ -621,7 +622,8 @@ class Projector:
                 stop: threading.Event | None = None) -> int:
         """Build ``views`` (default: all) from the start of the log into ``*_rebuild`` tables,
         then swap them in with one transaction. Readers keep the old tables until the swap.
-        Views with ``indexes_last`` get their non-unique indexes once, after the last page.
+        When every view rebuilt has ``indexes_last``, their non-unique indexes are built once,
+        after the last page.
         Setting ``stop`` abandons the rebuild before the swap (the views stay as they were).
 
         The rebuilt views take the position they reached; a follower continues from there.
@@ -643,9 +645,14 @@ class Projector:
             for view in chosen:
                 for statement in view.ddl(self.db.dialect, REBUILD_SUFFIX):
                     tx.execute(statement)
-            # a bulk load: build the non-unique indexes once at the end, not row by row
-            deferred = [index for v in chosen if v.indexes_last for t in v.tables
-                        for index in self.db.secondary_indexes(tx, f"{t}{REBUILD_SUFFIX}")]
+            # A bulk load of write-only views is the database's work: it builds their non-unique
+            # indexes once at the end rather than row by row. With a view that folds (reads its
+            # tables) the load waits on Python instead, and the database keeps the indexes up in
+            # time it would spend idle; built at the end they would be a serial tail (at 1,000,000
+            # events with every view: 2.2 s of a 24 s rebuild).
+            deferred = [index for t in tables
+                        for index in self.db.secondary_indexes(tx, f"{t}{REBUILD_SUFFIX}")
+                        ] if all(v.indexes_last for v in chosen) else []
             for name, _ in deferred:
                 tx.execute(f"DROP INDEX {ident(name)}")
         names = tuple(v.name for v in chosen)
