@@ -293,9 +293,9 @@ class BillingFold:
 
     The state lives in dicts. A subclass may keep it elsewhere by overriding ``_load_assignment``
     and ``_load_cycle`` (asked once per id, on a miss) and ``_mark`` (told what changed), and by
-    registering, before applying, every open cycle the page's watermark can make due
-    (``_push_due``), every assignment whose next cycle it can make start (``_push_next``), and the
-    open cycles of every assignment a plan change names (``_register``).
+    registering every open cycle the watermark can make due (``_push_due``) and every assignment
+    whose next cycle it can make start (``_push_next``) before the watermark reaches them
+    (``_hold``), and the open cycles of an assignment before a plan change names it (``_register``).
     """
 
     def __init__(self, *, track: Callable[[str], bool] | None = None,
@@ -309,6 +309,10 @@ class BillingFold:
         self._due: list[tuple[int, str]] = []        # heap of (end us, cycle id): open, not requested
         self._next: list[tuple[int, str]] = []       # heap of (next cycle's start us, assignment id)
         self._spans: dict[str, tuple[datetime, datetime, int, datetime]] = {}   # see _index_of
+        # below this activity clock the fold holds every open cycle that can become due and every
+        # assignment whose next cycle can start (a subclass loading its state lazily keeps it
+        # lower and raises it in _hold)
+        self._held_until = _NEVER
         self._track = track
         self._contribute = on_contribution
         self._handlers: dict[str, Callable[[int, str, Any, int | None], None]] = {
@@ -333,6 +337,11 @@ class BillingFold:
 
     def _mark(self, obj: AssignmentState | CycleState) -> None:
         pass
+
+    def _hold(self, clock: datetime) -> None:
+        """Register what the activity clock can make due or start up to past ``clock`` (``_push_due``,
+        ``_push_next``) and raise ``_held_until`` above ``clock``. The dicts hold everything."""
+        self._held_until = _NEVER
 
     def assignment(self, assignment_id: str) -> AssignmentState | None:
         found = self.assignments.get(assignment_id)
@@ -458,9 +467,10 @@ class BillingFold:
         self.watermark = watermark
 
     def _clock_limit(self) -> datetime:
-        """The earliest activity clock at which ``_close_due`` has work (``_NEVER``: none)."""
+        """The earliest activity clock at which ``_recorded`` has more to do than bill: ``_close_due``
+        has work, or ``_hold`` (``_NEVER``: none)."""
         tops = [heap[0][0] for heap in (self._due, self._next) if heap]
-        return _EPOCH + min(tops) * _US if tops else _NEVER
+        return min(_EPOCH + min(tops) * _US, self._held_until) if tops else self._held_until
 
     def _run(self, key: tuple[str, str, int], at: datetime) -> _Run | None:
         """A run of requests billed as ``_bill`` would bill a request of ``key`` at ``at``, if ``_bill``
@@ -651,6 +661,8 @@ class BillingFold:
             return
         if self.watermark is None or at > self.watermark:
             self.watermark = at
+        if self.watermark >= self._held_until:
+            self._hold(self.watermark)
         assignment_id, plan_id = get("assignment_id", None), get("plan_id", None)
         if get("outcome", None) in BILLABLE_OUTCOMES and assignment_id and plan_id:
             self._bill(position, entry_id, at, get, assignment_id, plan_id)

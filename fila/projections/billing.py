@@ -22,7 +22,7 @@ Tables (each + the rebuild suffix):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from operator import attrgetter
 from typing import Any
 
@@ -30,7 +30,7 @@ import msgspec
 
 from fila.domain.billing import CycleBill
 from fila.domain.billing_cycle import TOPIC_CLOSED
-from fila.domain.billing_fold import (ASSIGNMENT_TOPICS, PLAN_CHANGED, TOPICS, AssignmentState, BillingFold,
+from fila.domain.billing_fold import (ASSIGNMENT_TOPICS, TOPICS, AssignmentState, BillingFold,
                                       CycleState, figures, micros)
 from fila.domain.cycles import Period
 from fila.domain.ledger import BILLABLE_OUTCOMES, RECORDED_TOPIC
@@ -41,6 +41,8 @@ from fila.projections.runner import Note, Run, Step, View
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 _CHUNK = 500
+HOLD_AHEAD = timedelta(days=1)   # how far past the activity clock _hold loads what can become due
+_LONG_AGO = datetime(1, 1, 1, tzinfo=UTC)
 _EVENT = attrgetter("id", "topic", "originator_id", "state", "version")   # a Note as the fold takes an event
 
 CYCLE_FIGURES = ("plan_id", "plan_slug", "plan_version", "requests", "cache_hits", "input_tokens", "output_tokens",
@@ -78,7 +80,7 @@ class BillingRecorded(msgspec.Struct, kw_only=True, gc=False):
     assignment_id: str | None = None
 
 
-def _request_time(text: str) -> datetime:
+def _utc_time(text: str) -> datetime:
     """``parse_iso(text.replace("Z", "+00:00"))`` (what the fold reads a request time as), made
     cheaper for the times FILA writes (``iso()``: already UTC)."""
     if "Z" not in text:
@@ -207,7 +209,10 @@ class TableFold(BillingFold):
         self._dirty_assignments: dict[str, AssignmentState] = {}
         self._stored_versions: set[tuple[str, int]] = set()
         self._stored_watermark: datetime | None = None
-        self._times: dict[str, datetime] = {}   # the page's request times, parsed once by preload
+        self._times: dict[str, datetime] = {}   # the first page's request times, parsed once by preload
+        self._held_until = _LONG_AGO            # nothing held yet: the first request has _hold load
+        self._held_us: int | None = None        # ... and what it loaded (ends and starts up to here)
+        self._plans_held: set[str] = set()      # assignments whose open cycles are all held
 
     # -- hooks ---------------------------------------------------------------------------------------
 
@@ -221,7 +226,38 @@ class TableFold(BillingFold):
         return cycle_from_row(rows[0]) if rows else None
 
     def _request_time(self, text: Any) -> datetime | None:
-        return self._times.get(text) or super()._request_time(text)
+        at = self._times.get(text)
+        if at is not None or not isinstance(text, str):
+            return at
+        try:
+            return _utc_time(text)
+        except ValueError:
+            return None
+
+    def _hold(self, clock: datetime) -> None:
+        """Load the open cycles not yet due that end, and the assignments whose next cycle starts,
+        before a day past ``clock`` (those the fold does not hold are as committed: no page in
+        flight has changed them)."""
+        bound = clock + HOLD_AHEAD
+        high = micros(bound)
+        after, params = ("", ()) if self._held_us is None else (" AND {} > ?", (self._held_us,))
+        due = self._load_cycles("status = 'open' AND close_requested_position IS NULL AND ends_us <= ?"
+                                + after.format("ends_us"), (high, *params))
+        self._load_assignments(c.assignment_id for c in due)
+        for cycle in due:
+            self._push_due(cycle)
+        starting = self.read(f"SELECT id FROM {self.t_assignments} WHERE next_us <= ?" + after.format("next_us"),
+                             (high, *params))
+        self._load_assignments(r[0] for r in starting)
+        for (assignment_id,) in starting:
+            self._push_next(self.assignments[assignment_id])
+        self._held_us, self._held_until = high, bound
+
+    def _plan_changed(self, position: int, assignment_id: str, state: Any, version: int | None) -> None:
+        if assignment_id not in self._plans_held:     # the change applies to every open cycle
+            self._load_cycles("status = 'open' AND assignment_id = ?", (assignment_id,))
+            self._plans_held.add(assignment_id)
+        super()._plan_changed(position, assignment_id, state, version)
 
     def _mark(self, obj: AssignmentState | CycleState) -> None:
         if isinstance(obj, CycleState):
@@ -244,40 +280,36 @@ class TableFold(BillingFold):
                 for row in rows]
 
     def preload(self, notes: Sequence[Note]) -> None:
-        """Load in a few queries what the page will touch and the fold does not hold yet (it loads any
-        miss one by one): on the run's first page the activity clock and every plan version too."""
-        if not self._started:
-            self._started = True
-            rows = self.read(f"SELECT value FROM {self.t_meta} WHERE name = 'watermark'", ())
-            self.watermark = self._stored_watermark = parse_iso(rows[0][0]) if rows and rows[0][0] else None
-            for plan_id, version, slug, at, terms in self.read(
-                    f"SELECT {', '.join(PLAN_COLUMNS)} FROM {self.t_plans} ORDER BY plan_id, version", ()):
-                self.plans.add(plan_id, int(version), parse_iso(at), slug, _decode(terms))
-                self._stored_versions.add((plan_id, int(version)))
+        """On the run's first page, load the activity clock, every plan version, and in a few queries
+        what the page will touch (later, the fold loads any miss one by one, and _hold what the
+        activity clock can make due)."""
+        self._times.clear()
+        if self._started:
+            return
+        self._started = True
+        rows = self.read(f"SELECT value FROM {self.t_meta} WHERE name = 'watermark'", ())
+        self.watermark = self._stored_watermark = parse_iso(rows[0][0]) if rows and rows[0][0] else None
+        for plan_id, version, slug, at, terms in self.read(
+                f"SELECT {', '.join(PLAN_COLUMNS)} FROM {self.t_plans} ORDER BY plan_id, version", ()):
+            self.plans.add(plan_id, int(version), parse_iso(at), slug, _decode(terms))
+            self._stored_versions.add((plan_id, int(version)))
 
-        latest = self.watermark
         assignment_ids: set[str] = set()
-        changed: set[str] = set()
         cycle_ids: set[str] = set()
         entries: list[tuple[str, datetime]] = []
         times = self._times
-        times.clear()
         for note in notes:
             if note.topic == RECORDED_TOPIC:
                 state = note.state
                 text = state.at
                 try:
-                    at = times[text] = _request_time(text)
+                    at = times[text] = _utc_time(text)
                 except ValueError:
                     continue
-                if latest is None or at > latest:
-                    latest = at
                 if state.outcome in BILLABLE_OUTCOMES and state.assignment_id and state.plan_id:
                     entries.append((state.assignment_id, at))
             elif note.topic in ASSIGNMENT_TOPICS:
                 assignment_ids.add(note.originator_id)
-                if note.topic == PLAN_CHANGED:
-                    changed.add(note.originator_id)
             else:
                 cycle_ids.add(note.originator_id)
                 if note.topic == TOPIC_CLOSED and isinstance(note.state, dict):
@@ -295,19 +327,6 @@ class TableFold(BillingFold):
                 counted[assignment_id] = (span[0], span[1])
         for chunk in _chunks(i for i in cycle_ids if i not in self.cycles):
             self._load_cycles(f"id IN ({', '.join('?' * len(chunk))})", chunk)
-        for chunk in _chunks(changed):
-            self._load_cycles(f"status = 'open' AND assignment_id IN ({', '.join('?' * len(chunk))})", chunk)
-        if latest is not None:   # what the activity clock can reach within this page
-            bound = micros(latest)
-            due = self._load_cycles("status = 'open' AND close_requested_position IS NULL AND ends_us <= ?",
-                                    (bound,))
-            self._load_assignments(c.assignment_id for c in due)
-            for cycle in due:
-                self._push_due(cycle)
-            starting = self.read(f"SELECT id FROM {self.t_assignments} WHERE next_us <= ?", (bound,))
-            self._load_assignments(r[0] for r in starting)
-            for (assignment_id,) in starting:
-                self._push_next(self.assignments[assignment_id])
 
     def flush(self) -> Step:
         """The rows the page changed, as a step writing them (the fold takes them as written)."""

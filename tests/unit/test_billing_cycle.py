@@ -514,3 +514,31 @@ def test_a_request_exactly_at_another_cycles_end_makes_it_due_in_the_middle_of_a
     b0 = many.cycles[str(cycle_id_for(str(b.id), 0))]
     assert b0.close_requested_position == events[-2][0]       # the request at b_end exactly
     assert fold_state(many) == fold_state(replay(events))
+
+
+def test_a_plan_change_first_in_a_run_reaches_the_open_cycle_the_view_holds_only_in_its_table():
+    log = Log()
+    basic, pro = log.plan("basic", BASIC), log.plan("pro", dict(BASIC, name="Pro", monthly_price_minor=9_900))
+    assignment = log.assign(basic)
+    log.request(assignment, basic, ANCHOR + timedelta(days=1), 10, 10)
+    with tempfile.TemporaryDirectory() as folder:
+        db = SqliteDatabase(f"sqlite:///{folder}/views.db")
+        try:
+            for page, plan, day in ((50, pro, 10), (1, basic, 15)):   # each run starts at a plan change
+                projector = Projector(db, log.store.recorder, [BillingView()], page=page)
+                projector.catch_up()
+                projector.close()
+                assignment.change_plan(str(plan.id), ANCHOR + timedelta(days=day), ANCHOR + timedelta(days=day - 1))
+                log.save(assignment)
+                log.request(assignment, plan, ANCHOR + timedelta(days=day + 1), 10, 10)
+            projector = Projector(db, log.store.recorder, [BillingView()], page=1)
+            projector.catch_up()
+            projector.close()
+            rows = {r[0]: dict(zip(CYCLE_COLUMNS, r)) for r in db.read(f"SELECT {', '.join(CYCLE_COLUMNS)} "
+                                                                      "FROM billing_cycles")}
+        finally:
+            db.close()
+    once = replay(log.events())
+    assert rows == {c.id: dict(zip(CYCLE_COLUMNS, cycle_row(c))) for c in once.cycles.values()}
+    cycle0 = rows[str(cycle_id_for(str(assignment.id), 0))]
+    assert len(msgspec.json.decode(cycle0["state"])["segments"]) == 3
