@@ -436,19 +436,14 @@ class BillingFold:
                         continue
                     if not isinstance(plan_version, int):
                         plan_version = 1
-                    if (run is not None and low <= at < high and entry_id and assignment_id == run.key[0]
+                    if not (run is not None and low <= at < high and entry_id and assignment_id == run.key[0]
                             and plan_id == run.key[1] and plan_version == run.key[2]):
-                        watermark = clock
-                        requests.append((prompt if type(prompt) is int and prompt > 0 else _count(prompt),
-                                         completion if type(completion) is int and completion > 0
-                                         else _count(completion), cache == "hit"))
-                        run.position = position
-                        continue
+                        if run is not None:
+                            self._tally(run)
+                        run = self._run((assignment_id, plan_id, plan_version), at) if entry_id else None
+                        if run is not None:
+                            requests, low, high = run.requests, run.low, run.high
                     if run is not None:
-                        self._tally(run)
-                    run = self._run((assignment_id, plan_id, plan_version), at) if entry_id else None
-                    if run is not None:
-                        requests, low, high = run.requests, run.low, run.high
                         watermark = clock
                         requests.append((prompt if type(prompt) is int and prompt > 0 else _count(prompt),
                                          completion if type(completion) is int and completion > 0
