@@ -7,7 +7,8 @@ Measures, in one run on this machine (load from wrk, a separate process, on loop
   2. FILA -> fake upstream, key on a plan without rate limits (cache bypassed: every request
      goes upstream and is recorded);
   3. the same with a plan whose rate limits are all set (high enough never to refuse), so the
-     cost of rate limiting and plan lookup (one Redis script per request) shows as a difference;
+     cost of rate limiting and plan lookup shows as a difference; 2 and 3 take turns over
+     ``--rounds`` rounds and the medians are compared;
 with ``--with-projector``, ``fila projections run`` follows the log in its own process (as in
 docker-compose) on the same two cores, and its lag is sampled every second.
 Prints requests/s, p50, p99, committed events/s, the server's peak RSS, and the added latency.
@@ -43,6 +44,11 @@ def limited_plan(base: str) -> None:
         raise RuntimeError(response.text)
 
 
+def median_run(runs: list[dict], by: str) -> dict:
+    """The run whose ``by`` is the median of the rounds (the lower middle one for an even count)."""
+    return sorted(runs, key=lambda run: run[by])[(len(runs) - 1) // 2]
+
+
 def projection_lag(database: str) -> tuple[int, int]:
     """(log head, how far the slowest view is behind it)."""
     import psycopg
@@ -66,6 +72,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="turns each FILA plan takes (load, then light)")
+    parser.add_argument("--light-seconds", type=int, default=6)
     parser.add_argument("--with-projector", action="store_true",
                         help="also run `fila projections run` (its own process) and sample its lag")
     args = parser.parse_args()
@@ -86,38 +94,50 @@ def main() -> int:
             with fila_server(fila_port, env, workers=args.workers) as server, projector:
                 base = f"http://127.0.0.1:{fila_port}"
                 url = f"{base}/v1/chat/completions"
-                unlimited = create_key(base, ADMIN, "enterprise")
                 limited_plan(base)
-                limited = create_key(base, ADMIN, "bench-limited")
-                results = {}
+                keys = {"FILA, no rate limits": create_key(base, ADMIN, "enterprise"),
+                        "FILA, rate limits on": create_key(base, ADMIN, "bench-limited")}
+                loads: dict[str, list[dict]] = {label: [] for label in keys}
+                lights: dict[str, list[dict]] = {label: [] for label in keys}
                 lags: list[int] = []
-                for label, key in (("FILA, no rate limits", unlimited), ("FILA, rate limits on", limited)):
-                    before, started = count_events(database), time.perf_counter()
-                    stop = threading.Event()
-                    watcher = threading.Thread(target=watch_lag, args=(database, stop, lags))
-                    if args.with_projector:
-                        watcher.start()
-                    load = wrk(url, BODY, key, connections=args.connections, seconds=args.seconds, headers=BYPASS)
-                    elapsed = time.perf_counter() - started
-                    stop.set()
-                    if args.with_projector:
-                        watcher.join()
-                    load["events_per_s"] = (count_events(database) - before) / elapsed
-                    light = paced(url, BODY, key, headers=BYPASS)
-                    results[label] = (load, light)
+                # the two plans take turns, round after round: this VM's speed drifts between
+                # runs by more than the difference measured
+                for _ in range(args.rounds):
+                    for label, key in keys.items():
+                        before, started = count_events(database), time.perf_counter()
+                        stop = threading.Event()
+                        watcher = threading.Thread(target=watch_lag, args=(database, stop, lags))
+                        if args.with_projector:
+                            watcher.start()
+                        load = wrk(url, BODY, key, connections=args.connections, seconds=args.seconds,
+                                   headers=BYPASS)
+                        elapsed = time.perf_counter() - started
+                        stop.set()
+                        if args.with_projector:
+                            watcher.join()
+                        load["events_per_s"] = (count_events(database) - before) / elapsed
+                        loads[label].append(load)
+                for _ in range(args.rounds):
+                    for label, key in keys.items():
+                        lights[label].append(paced(url, BODY, key, headers=BYPASS, seconds=args.light_seconds))
                 rss = tree_peak_rss_mb(server.pid)
                 if args.with_projector:
                     time.sleep(3)
                     head, final_lag = projection_lag(database)
-        print(f"\nload: wrk, {args.connections} connections, {args.seconds} s; light: one client at 50 req/s")
+        print(f"\nload: wrk, {args.connections} connections, {args.seconds} s; light: one client at 50 req/s "
+              f"for {args.light_seconds} s; FILA's two plans alternate over {args.rounds} rounds (medians below)")
         print(row("baseline: fake upstream direct, load", direct))
         print(row("baseline: fake upstream direct, light", direct_light))
+        results = {label: (median_run(loads[label], "rps"), median_run(lights[label], "p50_ms")) for label in keys}
         for label, (load, light) in results.items():
             print(row(f"{label}, load", load) + f"  committed {load['events_per_s']:,.0f} events/s")
             print(row(f"{label}, light", light) + f"  added p50 {light['p50_ms'] - direct_light['p50_ms']:+.2f} ms")
+        for label in keys:
+            print(f"  {label}, each round: " + ", ".join(f"{r['rps']:,.0f} req/s" for r in loads[label])
+                  + "; light p50 " + ", ".join(f"{r['p50_ms']:.2f}" for r in lights[label]) + " ms")
         (off_load, off_light), (on_load, on_light) = results.values()
         print(f"\nrate limiting + plan lookup: p50 {on_light['p50_ms'] - off_light['p50_ms']:+.3f} ms at light load, "
-              f"throughput {100 * (on_load['rps'] / off_load['rps'] - 1):+.1f} % under load")
+              f"throughput {100 * (on_load['rps'] / off_load['rps'] - 1):+.1f} % under load (medians)")
         print(f"FILA server peak RSS ({args.workers} workers + supervisor): {rss:.0f} MB")
         if args.with_projector:
             print(f"projector (fila projections run, its own process, all views): lag sampled each second "

@@ -142,6 +142,8 @@ class Container:
         self._stop.set()
         await self.gateway.drain()
         await self.cache.drain()
+        if self.limiter is not None:
+            await self.limiter.release()        # unused reserved rate-limit slots go back to Redis
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)

@@ -43,6 +43,10 @@ TTL_MARGIN_S = 5  # counters outlive their window a little, so clock skew never 
 WARN_EVERY_S = 10.0
 REDIS_RETRY_S = 1.0
 ROOMY_MIN = 20  # see RateLimiter.roomy
+RESERVE_MAX = 64       # slots one process may hold for one key (see RateLimiter, "Reserves")
+RESERVE_SHARE = 50     # ... and at most 1/50 of the key's smallest request limit
+RESERVE_HOLD_S = 1.0   # unused slots go back to Redis after this long without a request
+TOKENS_FLUSH_S = 0.01  # finished requests' tokens are summed this long before they go to Redis
 # rule -> (window seconds, key code); request rules shortest window first
 _WINDOWS = {"requests_per_minute": (MINUTE, "m"), "requests_per_hour": (HOUR, "h"),
             "requests_per_day": (DAY, "d"), TOKENS: (MINUTE, "t")}
@@ -69,6 +73,14 @@ if allowed > 0 then
 end
 return {allowed, unpack(before)}
 """
+# Unused reserved slots go back: every request counter of the reserve down by ARGV[1] (never
+# below zero; a counter already gone with its window stays gone).
+_GIVE_BACK_LUA = """
+for i = 1, #KEYS do
+  local n = math.min(tonumber(ARGV[1]), tonumber(redis.call('GET', KEYS[i]) or '0'))
+  if n > 0 then redis.call('DECRBY', KEYS[i], n) end
+end
+"""
 _ADD_TOKENS_LUA = """
 local v = redis.call('INCRBY', KEYS[1], ARGV[1])
 if v == tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
@@ -91,9 +103,12 @@ def _ttl(now: float, seconds: int) -> int:
 
 def format_duration(seconds: float) -> str:
     """Go ``time.Duration`` style, as OpenAI's reset headers: "500ms", "59.5s", "1h0m0s"."""
-    ms = max(0, round(seconds * 1000))
+    ms = round(seconds * 1000)
     if ms < 1000:
-        return f"{ms}ms" if ms else "0s"
+        return f"{ms}ms" if ms > 0 else "0s"
+    if ms < 60_000:                      # the usual case (a minute window): no hours or minutes
+        secs, ms = divmod(ms, 1000)
+        return f"{secs}.{ms:03d}".rstrip("0") + "s" if ms else f"{secs}s"
     hours, ms = divmod(ms, 3_600_000)
     minutes, ms = divmod(ms, 60_000)
     secs, ms = divmod(ms, 1000)
@@ -163,7 +178,7 @@ def _decide(limits: Limits, counts: dict[str, int], allowed: bool, now: float,
     blocking = []  # (reset, rule) of the full windows, when refused
     requests = tokens = (None, None, None)  # (limit, remaining, reset)
     for name, limit, seconds, _ in limits.windows:
-        state = (limit, max(0, limit - counts[name]), reset_after(now, seconds))
+        state = (limit, max(0, limit - counts[name]), (now // seconds + 1) * seconds - now)  # reset_after
         if name == TOKENS:
             tokens = state
         elif requests[0] is None or (state[1], -state[2]) < (requests[1], -requests[2]):
@@ -216,8 +231,30 @@ class LocalLimiter:
         slots = self._slots.setdefault(key_id, {})
         for name, count in counts.items():
             start = window_start(now, _WINDOWS[name][0])
-            if count > self._count(slots, name, start):
+            slot = slots.get(name)
+            if slot is None or start > slot[0] or (start == slot[0] and count > slot[1]):  # a 0 seen is seen
                 slots[name] = [start, count]
+
+
+@dataclass(eq=False)
+class _Reserve:
+    """Request slots already counted in Redis for one key, held by this process: a request
+    taking one is admitted without a round trip. ``counts`` are the request counters just
+    after the slots were taken, so a request's counts are ``counts - left`` (what a check in
+    Redis would have shown had nobody else used the key meanwhile)."""
+
+    key_id: str
+    limits: Limits
+    keys: list[str]              # the request counters the slots were taken from
+    since: float                 # the reserve holds while every window it counted in is current:
+    until: float                 # since <= now < until
+    counts: dict[str, int]
+    size: int                    # slots asked for per refill
+    left: int = 0
+    used_at: float = 0.0         # loop time of the last request served
+    refilling: bool = False      # a script call asking for its slots is on its way
+    landed: asyncio.Future | None = None   # resolved when that call's answer is in
+    taken_at: float = 0.0        # the limiter's clock when it was taken
 
 
 class _Coalescer:
@@ -276,12 +313,28 @@ class RateLimiter:
     Otherwise it joins the batch of its event-loop tick: the checks of one tick for the same
     counters are one script call (admitted in order up to what is left, the rest refused), and
     the calls of one tick share one pipeline. Under load a hot key costs Redis one call per
-    tick, not one per request; at light load a check is one round trip with no wait."""
+    tick, not one per request; at light load a check is one round trip with no wait.
+
+    Reserves: while a key is far from every limit (as ``roomy``, with the reserve's size on top),
+    a check that goes to Redis also takes up to ``reserve`` more request slots for this process
+    (at most 1/50 of the key's smallest request limit), counted in Redis like admitted requests.
+    The key's next requests here take one each with no round trip, and a refill goes out in the
+    background when half are used. The limit stays exact upwards: every admitted request was
+    counted in Redis before it was admitted. The price is downwards: while a process holds
+    unused slots, another process may be refused although the limit is not reached. It holds at
+    most ``reserve`` slots per key, only while the key is roomy, and gives the unused ones back
+    after ``reserve_hold_s`` without a request, when a window or the plan's limits change, or at
+    shutdown. A token limit is seen by a reserve's requests as this process last saw it (its own
+    tokens, and everyone's at the last refill); near the limit the check goes to Redis."""
 
     def __init__(self, redis: aioredis.Redis, *, prefix: str = "fila:rl",
                  clock: Callable[[], float] = time.time, fallback: LocalLimiter | None = None,
-                 logger: Any = None, timeout_s: float = 0.25) -> None:
+                 logger: Any = None, timeout_s: float = 0.25, reserve: int = RESERVE_MAX,
+                 reserve_hold_s: float = RESERVE_HOLD_S, tokens_flush_s: float = TOKENS_FLUSH_S) -> None:
         self._redis, self._prefix, self._clock, self._timeout_s = redis, prefix, clock, timeout_s
+        self._reserve_max, self._reserve_hold_s, self._tokens_flush_s = reserve, reserve_hold_s, tokens_flush_s
+        self._reserves: dict[str, _Reserve] = {}
+        self._give_back_script = redis.register_script(_GIVE_BACK_LUA)
         self._fallback = fallback if fallback is not None else LocalLimiter(clock)
         self._log = logger if logger is not None else structlog.get_logger()
         self._check_script = redis.register_script(_CHECK_LUA)  # sha computed locally, no I/O
@@ -293,6 +346,7 @@ class RateLimiter:
         self._sending = 0                                   # check calls on their way to Redis
         self._owed: dict[str, list[int]] = {}               # tokens waiting for this tick's flush
         self._owed_flushed: asyncio.Future | None = None
+        self._owed_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task] = set()
 
     def _redis_skipped(self) -> bool:  # reads the clock only while Redis is failing
@@ -307,7 +361,7 @@ class RateLimiter:
                               failures=self._failures, policy="fail open to per-process limits")
             self._next_warning_at, self._failures = now + WARN_EVERY_S, 0
 
-    def roomy(self, key_id: str, limits: Limits, *, now: float | None = None) -> bool:
+    def roomy(self, key_id: str, limits: Limits, *, now: float | None = None, extra: int = 0) -> bool:
         """Whether this process's last answer from Redis showed every window of ``key_id`` far
         from full: more than a tenth of the limit (and ``ROOMY_MIN``) left beyond the checks
         still in flight. Then a refusal is unlikely enough that the gateway may call the
@@ -315,12 +369,17 @@ class RateLimiter:
         if not limits.windows or self._redis_skipped():
             return False
         now = self._clock() if now is None else now
-        pending = self._pending.get(key_id, 0)
+        pending = self._pending.get(key_id, 0) + extra
         for name, limit, seconds, _ in limits.windows:
             count = self._fallback.seen(key_id, name, window_start(now, seconds))
             if count is None or limit - count - pending <= max(ROOMY_MIN, limit // 10):
                 return False
         return True
+
+    def reserved(self, key_id: str) -> bool:
+        """Whether this process holds slots for ``key_id``: its next check needs no round trip."""
+        reserve = self._reserves.get(key_id)
+        return reserve is not None and reserve.left > 0
 
     async def check(self, key_id: str, limits: Limits, *, now: float | None = None) -> Decision:
         """Admit or refuse one request for ``key_id``; never raises for Redis trouble."""
@@ -339,25 +398,41 @@ class RateLimiter:
         windows = limits.windows
         if not windows:
             return Decision(allowed=True)
+        reserve = self._reserves.get(key_id)
+        if reserve is not None:
+            if not reserve.left and reserve.landed is not None:    # slots on their way: wait for them
+                await asyncio.shield(reserve.landed)                # rather than a round trip of our own
+                reserve = self._reserves.get(key_id)
+            if reserve is not None and reserve.left:
+                decision = self._from_reserve(key_id, reserve, limits, now)
+                if decision is not None:
+                    return decision
         if self._redis_skipped():
             return self._fallback.check(key_id, limits, now=now, degraded=True)
-        base = f"{self._prefix}:{{{key_id}}}:"
-        keys = [f"{base}{code}:{int(now // seconds) * seconds}" for _, _, seconds, code in windows]
-        args = [len(limits.rules), *(_ttl(now, seconds) for _, _, seconds, _ in limits.rules),
-                *(limit for _, limit, _, _ in windows)]
+        keys, args = self._call_args(key_id, limits, now)
+        taking = self._take_reserve(key_id, limits, keys, now) if key_id not in self._reserves else None
+        extra = taking.size if taking is not None else 0
         try:
             if self._sending or self._asks:      # checks on their way: join the next batch (its deadline)
-                place, reply = await self._ask((tuple(keys), tuple(args)))
+                place, reply = await self._ask((tuple(keys), tuple(args)), taking)
             else:                                # idle: this one goes now, no tick waited
                 self._sending += 1
                 try:
                     async with asyncio.timeout(self._timeout_s):
-                        place, reply = 0, await self._check_script(keys=keys, args=[1, *args])
+                        place, reply = 0, await self._check_script(keys=keys, args=[1 + extra, *args])
                 finally:
                     self._sending -= 1
+                if taking is not None:
+                    self._stock(taking, reply, 1, now)
         except (RedisError, OSError) as exc:  # OSError: TimeoutError, ConnectionError
+            if taking is not None and taking.refilling:
+                self._stock(taking, None, 0, now)
             self._redis_failed(exc)
             return self._fallback.check(key_id, limits, now=now, degraded=True)
+        except BaseException:
+            if taking is not None and taking.refilling:
+                self._stock(taking, None, 0, now)
+            raise
         self._skip_redis_until = 0.0
         allowed, before, n = int(reply[0]), reply[1:], len(limits.rules)
         admitted = place < allowed
@@ -367,43 +442,187 @@ class RateLimiter:
         self._fallback.observe(key_id, counts, now=now)
         return _decide(limits, counts, admitted, now, False)
 
-    def _ask(self, group: tuple[tuple, tuple]) -> asyncio.Future:
-        """Join this tick's checks of the same counters; resolves to (place, script reply)."""
+    def _call_args(self, key_id: str, limits: Limits, now: float) -> tuple[list[str], list[int]]:
+        """The check script's counters and arguments (without ARGV[1], the number asked for)."""
+        base = f"{self._prefix}:{{{key_id}}}:"
+        keys = [f"{base}{code}:{int(now // seconds) * seconds}" for _, _, seconds, code in limits.windows]
+        args = [len(limits.rules), *(_ttl(now, seconds) for _, _, seconds, _ in limits.rules),
+                *(limit for _, limit, _, _ in limits.windows)]
+        return keys, args
+
+    # -- reserves (see the class docstring) ----------------------------------------------------
+
+    def _reserve_size(self, key_id: str, limits: Limits, now: float) -> int:
+        if not self._reserve_max or not limits.rules:
+            return 0
+        size = min(self._reserve_max, min(limit for _, limit, _, _ in limits.rules) // RESERVE_SHARE)
+        return size if size >= 2 and self.roomy(key_id, limits, now=now, extra=size) else 0
+
+    def _take_reserve(self, key_id: str, limits: Limits, keys: list[str], now: float) -> _Reserve | None:
+        """A new, empty reserve for ``key_id`` if the key is roomy; the caller's script call asks
+        for its slots on top of its own requests, and ``_stock`` fills it with the answer."""
+        size = self._reserve_size(key_id, limits, now)
+        if not size:
+            return None
+        loop = asyncio.get_running_loop()
+        starts = [(window_start(now, seconds), seconds) for _, _, seconds, _ in limits.rules]
+        reserve = _Reserve(key_id, limits, keys[:len(limits.rules)], max(start for start, _ in starts),
+                           min(start + seconds for start, seconds in starts), {}, size,
+                           used_at=loop.time(), refilling=True, landed=loop.create_future(), taken_at=now)
+        self._reserves[key_id] = reserve
+        loop.call_later(self._reserve_hold_s, self._expire, key_id, reserve)
+        return reserve
+
+    def _stock(self, reserve: _Reserve, reply: list | None, requests: int, now: float) -> None:
+        """Put the slots a script call granted beyond its ``requests`` into ``reserve`` (a failed
+        call, ``reply=None``, grants none)."""
+        key_id, limits = reserve.key_id, reserve.limits
+        reserve.refilling = False
+        if reserve.landed is not None:
+            if not reserve.landed.done():
+                reserve.landed.set_result(None)
+            reserve.landed = None
+        granted = 0
+        if reply is not None:
+            allowed = int(reply[0])
+            granted = max(0, allowed - requests)
+            after = {name: int(count) + allowed for (name, *_), count in zip(limits.rules, reply[1:])}
+            self._fallback.observe(key_id, after, now=now)
+        if self._reserves.get(key_id) is not reserve or not self._same_windows(reserve, now):
+            self._give_back(reserve.keys, granted)   # dropped or stale meanwhile: the slots go back
+            return
+        if granted:
+            reserve.counts = after
+            reserve.left += granted
+        if not reserve.left:
+            del self._reserves[key_id]
+
+    @staticmethod
+    def _same_windows(reserve: _Reserve, now: float) -> bool:
+        return reserve.since <= now < reserve.until
+
+    def _from_reserve(self, key_id: str, reserve: _Reserve, limits: Limits, now: float) -> Decision | None:
+        """Admit from the reserve, or None: the check must go to Redis."""
+        if (reserve.limits is not limits and reserve.limits != limits) or not self._same_windows(reserve, now):
+            self._drop(key_id)
+            return None
+        counts: dict[str, int] = {}
+        if limits.tokens_per_minute is not None:
+            counts[TOKENS] = self._fallback.seen(key_id, TOKENS, window_start(now, MINUTE)) or 0
+            if counts[TOKENS] >= limits.tokens_per_minute:
+                return None      # Redis has the last word, and names the rule
+        reserve.left -= 1
+        loop = asyncio.get_running_loop()
+        reserve.used_at = loop.time()
+        for name, _, _, _ in limits.rules:
+            counts[name] = reserve.counts[name] - reserve.left
+        if reserve.left * 2 <= reserve.size and not reserve.refilling:
+            size = 0 if self._redis_skipped() else self._reserve_size(key_id, limits, now)
+            if size:
+                reserve.refilling, reserve.landed = True, loop.create_future()
+                self._spawn(self._refill(key_id, reserve, limits, size, now))
+            elif not reserve.left:         # spent, and no more to take: the next check goes to Redis
+                del self._reserves[key_id]
+        return _decide(limits, counts, True, now, False)
+
+    async def _refill(self, key_id: str, reserve: _Reserve, limits: Limits, size: int, now: float) -> None:
+        keys, args = self._call_args(key_id, limits, now)
+        reply = None
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                reply = await self._scripts.call(self._check_script, keys, [size, *args])
+        except (RedisError, OSError) as exc:
+            self._redis_failed(exc)
+        finally:
+            self._stock(reserve, reply, 0, now)
+
+    def _expire(self, key_id: str, reserve: _Reserve) -> None:
+        if self._reserves.get(key_id) is not reserve:
+            return
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - reserve.used_at
+        if idle >= self._reserve_hold_s and not reserve.refilling:
+            self._drop(key_id)
+        else:
+            loop.call_later(max(self._reserve_hold_s - idle, 0.01), self._expire, key_id, reserve)
+
+    def _drop(self, key_id: str) -> None:
+        reserve = self._reserves.pop(key_id, None)
+        if reserve is not None and reserve.left:
+            self._give_back(reserve.keys, reserve.left)
+            reserve.left = 0
+
+    def _give_back(self, keys: list[str], slots: int) -> None:
+        if slots > 0:
+            self._spawn(self._send_give_back(keys, slots))
+
+    async def _send_give_back(self, keys: list[str], slots: int) -> None:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._scripts.call(self._give_back_script, keys, [slots])
+        except (RedisError, OSError) as exc:   # the slots stay counted until their windows end
+            self._redis_failed(exc)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def release(self) -> None:
+        """On shutdown: send the tokens owed and give every unused reserved slot back, and wait
+        for Redis to take them."""
+        if self._owed_timer is not None:
+            self._owed_timer.cancel()
+            self._flush_owed()
+        for key_id in list(self._reserves):
+            self._drop(key_id)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _ask(self, group: tuple[tuple, tuple], reserve: _Reserve | None = None) -> asyncio.Future:
+        """Join this tick's checks of the same counters; resolves to (place, script reply). A
+        ``reserve`` being taken rides on the group's call (one per group)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         waiting = self._asks.get(group)
         if waiting is None:
-            self._asks[group] = [future]
+            self._asks[group] = waiting = [[], None]
             if len(self._asks) == 1:
                 loop.call_soon(self._flush_asks)
-        else:
-            waiting.append(future)
+        waiting[0].append(future)
+        if reserve is not None:     # at most one per group: one reserve per key at a time
+            waiting[1] = reserve
         return future
 
     def _flush_asks(self) -> None:
         asks, self._asks = self._asks, {}
-        task = asyncio.get_running_loop().create_task(self._send_asks(asks))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self._send_asks(asks))
 
-    async def _send_asks(self, asks: dict[tuple[tuple, tuple], list[asyncio.Future]]) -> None:
+    async def _send_asks(self, asks: dict[tuple[tuple, tuple], list]) -> None:
         groups = list(asks.items())
         self._sending += 1
         try:
             async with asyncio.timeout(self._timeout_s):     # one deadline for the whole batch
-                replies = await asyncio.gather(*(self._scripts.call(self._check_script, list(keys), [len(futures), *args])
-                                                 for (keys, args), futures in groups), return_exceptions=True)
+                replies = await asyncio.gather(
+                    *(self._scripts.call(self._check_script, list(keys),
+                                         [len(futures) + (reserve.size if reserve is not None else 0), *args])
+                      for (keys, args), (futures, reserve) in groups), return_exceptions=True)
         except TimeoutError as exc:
             replies = [exc] * len(groups)
         except BaseException:   # cancelled (shutdown): nobody is left waiting for an answer
-            for _, futures in groups:
+            for _, (futures, reserve) in groups:
+                if reserve is not None:
+                    self._stock(reserve, None, 0, reserve.taken_at)
                 for future in futures:
                     if not future.done():
                         future.set_exception(RedisError("the check was abandoned"))
             raise
         finally:
             self._sending -= 1
-        for (_, futures), reply in zip(groups, replies):
+        for (_, (futures, reserve)), reply in zip(groups, replies):
+            if reserve is not None:
+                self._stock(reserve, None if isinstance(reply, BaseException) else reply, len(futures),
+                            reserve.taken_at)
             for place, future in enumerate(futures):
                 if future.done():          # its caller gave up waiting
                     continue
@@ -415,13 +634,23 @@ class RateLimiter:
     async def add_tokens(self, key_id: str, tokens: int, limits: Limits, *,
                          now: float | None = None) -> None:
         """Add a finished request's tokens to this minute's counter (a no-op without a token
-        limit); never raises for Redis trouble."""
+        limit) and wait until Redis has them; never raises for Redis trouble."""
+        flushed = self.count_tokens(key_id, tokens, limits, now=now)
+        if flushed is not None:
+            await flushed           # the flush has the deadline, and reports a failure itself
+
+    def count_tokens(self, key_id: str, tokens: int, limits: Limits, *,
+                     now: float | None = None) -> asyncio.Future | None:
+        """``add_tokens`` without waiting: the tokens join the next flush (``tokens_flush_s``
+        from the first tokens owed), whose future is returned (None when nothing goes to
+        Redis). This process's own checks see them at once; other processes, after the flush.
+        Must run on the event loop."""
         if limits.tokens_per_minute is None or tokens <= 0:
-            return
+            return None
         now = self._clock() if now is None else now
         self._fallback.add_tokens(key_id, tokens, now=now)
         if self._redis_skipped():
-            return
+            return None
         key = f"{self._prefix}:{{{key_id}}}:t:{window_start(now, MINUTE)}"
         owed = self._owed.get(key)
         if owed is None:
@@ -432,16 +661,16 @@ class RateLimiter:
         if flushed is None:
             loop = asyncio.get_running_loop()
             flushed = self._owed_flushed = loop.create_future()
-            loop.call_soon(self._flush_owed)
-        error = await flushed           # the flush has the deadline
-        if error is not None:
-            self._redis_failed(error)
+            self._owed_timer = loop.call_later(self._tokens_flush_s, self._flush_owed)
+        return flushed
 
     def _flush_owed(self) -> None:
-        """The tokens added during one loop tick, summed per counter: one INCRBY per key
-        however many requests finished together (a group commit releases dozens at once)."""
+        """The tokens added since the last flush, summed per counter: one INCRBY per key
+        however many requests finished meanwhile (a group commit releases dozens at once)."""
         owed, flushed = self._owed, self._owed_flushed
-        self._owed, self._owed_flushed = {}, None
+        self._owed, self._owed_flushed, self._owed_timer = {}, None, None
+        if flushed is None:
+            return
         task = asyncio.get_running_loop().create_task(self._send_owed(owed, flushed))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -450,7 +679,13 @@ class RateLimiter:
         calls = [self._scripts.call(self._tokens_script, [key], [tokens, ttl]) for key, (tokens, ttl) in owed.items()]
         try:
             async with asyncio.timeout(self._timeout_s):
-                results = await asyncio.gather(*calls, return_exceptions=True)
+                if len(calls) == 1:      # the usual case: one busy key
+                    try:
+                        results = [await calls[0]]
+                    except (RedisError, OSError) as exc:
+                        results = [exc]
+                else:
+                    results = await asyncio.gather(*calls, return_exceptions=True)
         except TimeoutError as exc:
             results = [exc]
         except BaseException:
@@ -458,6 +693,8 @@ class RateLimiter:
                 flushed.set_result(RedisError("the token count was abandoned"))
             raise
         failure = next((r for r in results if isinstance(r, (RedisError, OSError))), None)
+        if failure is not None:
+            self._redis_failed(failure)
         if not flushed.done():
             flushed.set_result(failure)
 

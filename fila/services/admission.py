@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -97,7 +97,7 @@ class PlanAdmission:
         admit first, as usual. The check decides either way; overlapping only hides its round
         trip behind the upstream's, at the price of a cancelled upstream call on the rare
         refusal that the last answer did not foresee (another process used the room)."""
-        if self.limiter is None:
+        if self.limiter is None or self.limiter.reserved(key.id):   # a reserved slot needs no round trip
             return None
         assignment = self.book.current_assignment(key.id)
         if assignment is None or assignment.status != ACTIVE:
@@ -151,14 +151,17 @@ class PlanAdmission:
                         headers=decision.headers(), settle=settle)
 
     def _settler(self, key_id: str, limits: Limits, assignment_id: str, cycle_start: datetime | None):
-        async def settle(tokens: int) -> None:
+        def settle(tokens: int) -> Awaitable[None] | None:
+            """Count a finished request's tokens; the token limit's share is only queued (no
+            task per request), the hard cap's count is returned to be awaited off the answer."""
             if limits.tokens_per_minute is not None:
                 if self.limiter is not None:
-                    await self.limiter.add_tokens(key_id, tokens, limits)
+                    self.limiter.count_tokens(key_id, tokens, limits)
                 else:
                     self.local.add_tokens(key_id, tokens)
             if cycle_start is not None:
-                await self.cycle_tokens.add(assignment_id, cycle_start, tokens)
+                return self.cycle_tokens.add(assignment_id, cycle_start, tokens)
+            return None
         return settle
 
 

@@ -78,7 +78,7 @@ class Admitted:
     plan_version: int | None = None
     assignment_id: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    settle: Callable[[int], Any] | None = None   # run after the answer with the request's total tokens
+    settle: Callable[[int], Any] | None = None   # after the answer, with the request's total tokens
 
 
 class AllowAll:
@@ -430,8 +430,9 @@ class Gateway:
     def _settle(self, admitted: Admitted, tokens: int) -> None:
         """Count the tokens against the plan's token limit and hard cap, off the answer's path:
         the counters (Redis) matter for the next request, not for this one."""
-        if admitted.settle is not None:
-            task = asyncio.get_running_loop().create_task(admitted.settle(tokens))
+        pending = admitted.settle(tokens) if admitted.settle is not None else None
+        if pending is not None:
+            task = asyncio.get_running_loop().create_task(pending)
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 

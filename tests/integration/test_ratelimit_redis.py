@@ -60,7 +60,7 @@ async def client():
 
 @pytest.fixture
 def limiter(client, prefix):
-    return RateLimiter(client, prefix=prefix, timeout_s=SLACK)
+    return RateLimiter(client, prefix=prefix, timeout_s=SLACK, reserve=0)
 
 
 class Clock:
@@ -175,6 +175,23 @@ async def test_tokens_finished_together_are_summed_into_one_redis_call_per_count
     assert len(calls) == 3 and int(await client.get(f"{prefix}:{{k}}:t:{int(T0)}")) == 1280
 
 
+async def test_tokens_counted_over_the_flush_interval_go_as_one_call_and_release_sends_them(client, prefix):
+    limiter = RateLimiter(client, prefix=prefix, timeout_s=SLACK, tokens_flush_s=0.2)
+    calls = _counting(limiter)
+    limits = Limits(tokens_per_minute=10**6)
+    counter = f"{prefix}:{{k}}:t:{int(T0)}"
+    for n in range(1, 11):                       # ten requests finishing in ten loop ticks
+        limiter.count_tokens("k", n, limits, now=T0 + 1)
+        await asyncio.sleep(0.005)
+    assert await client.get(counter) is None and calls == []       # still inside the interval
+    assert limiter._fallback.seen("k", TOKENS, int(T0)) == 55     # ...but this process sees them
+    await asyncio.sleep(0.3)
+    assert int(await client.get(counter)) == 55 and calls == ["script"]
+    limiter.count_tokens("k", 45, limits, now=T0 + 2)
+    await limiter.release()                       # shutdown: what is owed goes at once
+    assert int(await client.get(counter)) == 100 and calls == ["script", "script"]
+
+
 async def test_token_limit_refuses_after_add_tokens_reaches_it(limiter, client, prefix):
     limits = Limits(requests_per_minute=100, tokens_per_minute=1000)
     first = await limiter.check("k", limits, now=T0 + 1)
@@ -284,7 +301,7 @@ def test_lua_matches_model_and_local_limiter(base, span, steps, limits):
     async def run() -> list:
         client = new_client()
         try:
-            limiter = RateLimiter(client, prefix=prefix, timeout_s=SLACK)
+            limiter = RateLimiter(client, prefix=prefix, timeout_s=SLACK, reserve=0)
             decisions = []
             for t, tokens in calls:
                 decisions.append(await limiter.check(key_id, limits, now=t))
@@ -406,3 +423,111 @@ async def test_concurrent_checks_share_one_pipeline_and_survive_a_script_flush()
         assert not any(d.degraded for d in decisions)
     finally:
         await client.aclose()
+
+
+# --- reserves: slots counted in Redis ahead, served with no round trip ---------------------
+
+def _counting(limiter: RateLimiter) -> list[str]:
+    """Record every script call the limiter sends to Redis (direct or coalesced)."""
+    calls: list[str] = []
+    direct, coalesced = limiter._check_script, limiter._scripts.call
+
+    async def check_script(keys, args):
+        calls.append("check")
+        return await direct(keys=keys, args=args)
+
+    async def call(script, keys, args):
+        calls.append("give back" if script is limiter._give_back_script else "script")
+        return await coalesced(script, keys, args)
+
+    limiter._check_script, limiter._scripts.call = check_script, call
+    return calls
+
+
+async def test_a_roomy_key_is_served_from_its_reserve_with_the_counts_of_exact_checks(client, prefix):
+    limiter = RateLimiter(client, prefix=prefix, timeout_s=SLACK, reserve=16, reserve_hold_s=60)
+    calls = _counting(limiter)
+    limits = Limits(requests_per_minute=1000, requests_per_day=10**6)
+    remaining = []
+    for i in range(1001):
+        decision = await limiter.check("k", limits, now=T0)
+        remaining.append(decision.remaining_requests if decision.allowed else "refused")
+        if i % 5 == 0:
+            await asyncio.sleep(0)          # let a refill on its way land, as a server's awaits do
+    assert remaining == list(range(999, -1, -1)) + ["refused"]      # what exact checks would say
+    assert decision.rule == "requests_per_minute"
+    assert int(await client.get(f"{prefix}:{{k}}:m:{int(T0)}")) == 1000    # no slot left over
+    assert int(await client.get(f"{prefix}:{{k}}:d:{window_start(T0, 86400)}")) == 1000
+    # far from the limit one call in Redis serves many; near it (the last ~10 %) every check goes
+    assert len(calls) < 300, Counter(calls)
+    await limiter.release()
+
+
+async def test_reserves_of_two_processes_never_pass_the_limit_and_unused_slots_come_back(prefix):
+    a_client, b_client = new_client(), new_client()
+    a, b = (RateLimiter(c, prefix=prefix, timeout_s=SLACK, reserve=16, reserve_hold_s=0.05)
+            for c in (a_client, b_client))
+    limits = Limits(requests_per_minute=1000)
+    now = time.time()
+    admitted = Counter()
+    try:
+        for i in range(1400):                  # interleaved bursts from the two "processes"
+            limiter = a if (i // 7) % 2 else b
+            admitted[limiter is a] += (await limiter.check("shared", limits, now=now)).allowed
+        assert sum(admitted.values()) <= 1000
+        await asyncio.sleep(0.3)               # past the hold: whatever either kept goes back
+        for limiter in (a, b, a, b):
+            while (await limiter.check("shared", limits, now=now)).allowed:
+                admitted[limiter is a] += 1
+        assert sum(admitted.values()) == 1000 and admitted[True] > 0 and admitted[False] > 0
+        await asyncio.sleep(0.3)
+        assert int(await a_client.get(f"{prefix}:{{shared}}:m:{window_start(now, MINUTE)}")) == 1000
+    finally:
+        await a.release(), await b.release()
+        await a_client.aclose(), await b_client.aclose()
+
+
+async def test_a_new_window_or_new_limits_drop_the_reserve_and_give_its_slots_back(client, prefix):
+    limiter = RateLimiter(client, prefix=prefix, timeout_s=SLACK, reserve=16, reserve_hold_s=60)
+    calls = _counting(limiter)
+    limits = Limits(requests_per_minute=1000, requests_per_hour=10**5)
+    for _ in range(5):
+        assert (await limiter.check("k", limits, now=T0)).allowed
+    assert calls.count("check") == 2            # the first learns the counts, the second takes a reserve
+    decision = await limiter.check("k", limits, now=T0 + MINUTE)        # next minute, same hour
+    assert decision.allowed and decision.counts["requests_per_minute"] == 1
+    await asyncio.sleep(0.1)
+    assert "give back" in calls
+    hour = f"{prefix}:{{k}}:h:{window_start(T0, HOUR)}"
+    reserved = int(await client.get(hour)) - 6          # the new minute's reserve, if it took one
+    assert 0 <= reserved <= 16
+    bigger = Limits(requests_per_minute=2000, requests_per_hour=10**5)      # the plan changed
+    assert (await limiter.check("k", bigger, now=T0 + MINUTE)).allowed
+    await limiter.release()
+    assert int(await client.get(hour)) == 7            # every request counted once, no slot kept
+
+
+async def test_a_reserve_is_not_taken_near_a_limit_or_for_small_limits(client, prefix):
+    limiter = RateLimiter(client, prefix=prefix, timeout_s=SLACK, reserve=16, reserve_hold_s=60)
+    small = Limits(requests_per_minute=60)                  # 60 // 50 < 2: never
+    for _ in range(30):
+        await limiter.check("small", small, now=T0)
+    assert not limiter._reserves and int(await client.get(f"{prefix}:{{small}}:m:{int(T0)}")) == 30
+    await client.set(f"{prefix}:{{near}}:m:{int(T0)}", 890, ex=120)      # 110 left of 1000
+    near = Limits(requests_per_minute=1000)
+    for _ in range(3):
+        await limiter.check("near", near, now=T0)
+    assert "near" not in limiter._reserves       # 109 left: not above a tenth (100) + the reserve (16)
+    assert int(await client.get(f"{prefix}:{{near}}:m:{int(T0)}")) == 893
+
+
+async def test_a_reserve_defers_to_redis_once_this_process_saw_the_token_limit_reached(client, prefix):
+    limiter = RateLimiter(client, prefix=prefix, timeout_s=SLACK, reserve=16, reserve_hold_s=60)
+    limits = Limits(requests_per_minute=1000, tokens_per_minute=5000)
+    for _ in range(3):
+        assert (await limiter.check("k", limits, now=T0)).allowed
+    assert limiter._reserves["k"].left > 0
+    await limiter.add_tokens("k", 5000, limits, now=T0)
+    refused = await limiter.check("k", limits, now=T0)
+    assert not refused.allowed and refused.rule == TOKENS
+    await limiter.release()
