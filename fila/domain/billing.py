@@ -35,7 +35,7 @@ from math import gcd
 from typing import Any
 
 from fila.domain.cycles import Period, ensure_utc
-from fila.domain.money import EXACT, CurrencyMismatch, Money, UnitPrice, round_line, round_minor
+from fila.domain.money import COST_DIGITS, EXACT, CurrencyMismatch, Money, UnitPrice, round_line, round_minor, round_units
 
 CACHE_HIT_MODES = ("full", "free", "fraction")
 STATE_VERSION = 1
@@ -174,6 +174,10 @@ class _Overage:
     price: UnitPrice | None = None  # the price of the pending tokens
     pending: int = 0             # tokens added since the last settle
     pending_gcd: int = 0         # gcd of those requests' token counts (fixes the sum's exponent)
+    # the exact cost, pending tokens included, in units of 10**-COST_DIGITS major units (None: a
+    # cost restored from a state with more digits than that, kept by ``settle`` alone); with it,
+    # ``rounded`` is current after every charge, with no Decimal work per request
+    units: int | None = 0
 
     def settle(self) -> int:
         """Bring ``cost`` and ``rounded`` up to date; the change of ``rounded``."""
@@ -401,7 +405,8 @@ class CycleBill:
     @property
     def total_minor(self) -> int:
         """``total().amount_minor``, without making the Money (a running total per request is cheap)."""
-        self._settle()
+        if self._unsettled and any(acc.units is None for acc in self._unsettled):
+            self._settle()
         return self._figures().base_minor + self._overage_minor + self._adjustments_minor
 
     def to_state(self) -> dict[str, Any]:
@@ -428,6 +433,8 @@ class CycleBill:
         for key, kind, text, tokens, cost in state["overage"]:
             line = _Overage(kind, text, _count(tokens, "overage tokens"), Decimal(cost))
             line.rounded = round_minor(line.cost)
+            units = line.cost.scaleb(COST_DIGITS)
+            line.units = int(units) if units == units.to_integral_value() else None
             bill._overage[key] = line
             bill._overage_minor += line.rounded
         for minor, reason, at in state["adjustments"]:
@@ -462,6 +469,11 @@ class CycleBill:
         acc.tokens += tokens
         acc.pending += tokens
         acc.pending_gcd = gcd(acc.pending_gcd, tokens if divisor is None else divisor)
+        if acc.units is not None:     # the rounded line, now (settle finds it already right)
+            acc.units += tokens * price.micro
+            rounded = round_units(acc.units)
+            self._overage_minor += rounded - acc.rounded
+            acc.rounded = rounded
 
     def _settle(self) -> None:
         """Sum the pending tokens' costs into their lines (exactly as request by request)."""

@@ -702,33 +702,36 @@ class BillingFold:
         item: dict[str, Any] = {} if self._contribute is None else {
             "kind": "usage" if cycle.status == OPEN else "late_usage", "position": position, "entry_id": entry_id,
             "at": iso(at), "plan_id": plan_id, "plan_version": version}
+        input_tokens, output_tokens = _count(get("prompt_tokens", 0)), _count(get("completion_tokens", 0))
+        cache_hit = get("cache", "none") == "hit"
         try:
             if terms is None:
                 raise ValueError(f"plan {plan_id} version {version} is unknown")
-            if self._contribute is None and cycle.status == OPEN and entry_id:   # the view: no outcome needed
-                cycle.bill.tally(at, _count(get("prompt_tokens", 0)), _count(get("completion_tokens", 0)),
-                                 get("cache", "none") == "hit", terms)
-                return
-            usage = Usage(entry_id, at, _count(get("prompt_tokens", 0)), _count(get("completion_tokens", 0)),
-                          get("cache", "none") == "hit")
-            if cycle.status == OPEN:
-                outcome = cycle.bill.add(usage, terms)
+            if not entry_id:
+                raise ValueError("entry_id must not be empty")
+            if cycle.status == OPEN:   # what Usage checks holds here: ``at`` is UTC, the counts are counts
+                figures = cycle.bill.tally(at, input_tokens, output_tokens, cache_hit, terms)
+                if self._contribute is None:    # the view: no outcome needed
+                    return
+                bill_in, bill_out, inc_in, inc_out, _ = figures
             else:
-                outcome = self._late(cycle, usage, terms)
+                outcome = self._late(cycle, Usage(entry_id, at, input_tokens, output_tokens, cache_hit), terms)
+                bill_in, bill_out = outcome.billable_input_tokens, outcome.billable_output_tokens
+                inc_in, inc_out = outcome.included_input_tokens, outcome.included_output_tokens
         except ValueError as error:
             cycle.unbilled_requests += 1
             self._note(cycle, dict(item, kind="unbilled", reason=str(error)))
             return
         if self._contribute is None:
             return
-        self._note(cycle, dict(
-            item, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, cache_hit=usage.cache_hit,
-            billable_input_tokens=outcome.billable_input_tokens,
-            billable_output_tokens=outcome.billable_output_tokens,
-            included_input_tokens=outcome.included_input_tokens,
-            included_output_tokens=outcome.included_output_tokens,
-            overage_input_tokens=outcome.overage_input_tokens, overage_output_tokens=outcome.overage_output_tokens,
-            overage_input_cost=str(outcome.overage_input_cost), overage_output_cost=str(outcome.overage_output_cost)))
+        over_in, over_out = bill_in - inc_in, bill_out - inc_out
+        item.update(input_tokens=input_tokens, output_tokens=output_tokens, cache_hit=cache_hit,
+                    billable_input_tokens=bill_in, billable_output_tokens=bill_out,
+                    included_input_tokens=inc_in, included_output_tokens=inc_out,
+                    overage_input_tokens=over_in, overage_output_tokens=over_out,
+                    overage_input_cost=str(terms.input_price.cost(over_in)),
+                    overage_output_cost=str(terms.output_price.cost(over_out)))
+        self._note(cycle, item)
 
     def _late(self, cycle: CycleState, usage: Usage, terms: Terms) -> Any:
         assert cycle.bill is not None

@@ -26,7 +26,7 @@ silently losing digits, so a sum that does not fit is an error, not a wrong bill
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import (
     ROUND_HALF_UP,
     Context,
@@ -50,16 +50,22 @@ __all__ = [
     "round_half_up_ratio",
     "round_line",
     "round_minor",
+    "round_units",
 ]
 
 MINOR_DIGITS = 2
 PRICE_DECIMAL_PLACES = 6
 TOKENS_PER_PRICE_UNIT = 1_000_000
+# ``UnitPrice.micro`` costs are in units of 10**-COST_DIGITS major units (6: TOKENS_PER_PRICE_UNIT
+# is 10**6); one minor unit is MINOR_UNIT of them
+COST_DIGITS = PRICE_DECIMAL_PLACES + 6
+MINOR_UNIT = 10 ** (COST_DIGITS - MINOR_DIGITS)
 
 #: exact arithmetic: raises rather than rounding (100 significant digits is far beyond any bill)
 EXACT = Context(prec=100, traps=[Inexact, InvalidOperation, Overflow, DivisionByZero])
 _ROUNDING = Context(prec=100, rounding=ROUND_HALF_UP, traps=[InvalidOperation, Overflow])
 _MINOR_QUANTUM = Decimal(1).scaleb(-MINOR_DIGITS)
+_PRICE_UNIT = Decimal(TOKENS_PER_PRICE_UNIT)
 _CURRENCY_RE = re.compile(r"[A-Z]{3}")
 
 
@@ -207,6 +213,9 @@ class UnitPrice:
 
     per_million: Decimal
     currency: str = "USD"
+    # the price in units of 10**-PRICE_DECIMAL_PLACES per million tokens (exact): the cost of t
+    # tokens is ``t * micro`` units of 10**-COST_DIGITS major units
+    micro: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         value = _to_decimal(self.per_million, "unit price")
@@ -218,6 +227,7 @@ class UnitPrice:
             )
         _check_currency(self.currency)
         object.__setattr__(self, "per_million", Decimal(_canonical(value)))
+        object.__setattr__(self, "micro", int(self.per_million.scaleb(PRICE_DECIMAL_PLACES)))
 
     @classmethod
     def parse(cls, text: str, currency: str = "USD") -> UnitPrice:
@@ -232,10 +242,9 @@ class UnitPrice:
 
     def cost(self, tokens: int) -> Decimal:
         """Exact cost in major units of ``tokens`` tokens; never rounded."""
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        if type(tokens) is not int or tokens < 0:     # bool is not an int here
             raise ValueError(f"tokens must be a non-negative int, got {tokens!r}")
-        product = EXACT.multiply(Decimal(tokens), self.per_million)
-        return EXACT.divide(product, Decimal(TOKENS_PER_PRICE_UNIT))
+        return EXACT.divide(EXACT.multiply(Decimal(tokens), self.per_million), _PRICE_UNIT)
 
     def __str__(self) -> str:
         return f"{self.to_str()} {self.currency} per 1M tokens"
@@ -253,6 +262,11 @@ def _canonical(value: Decimal) -> str:
 def round_line(amount: Decimal, currency: str = "USD") -> Money:
     """THE rounding rule: one exact line amount (major units) -> Money, half-up to minor units."""
     return Money(round_minor(_to_decimal(amount, "line amount")), currency)
+
+
+def round_units(units: int) -> int:
+    """``round_minor(units x 10**-COST_DIGITS)`` for ``units`` >= 0: half-up, in integers."""
+    return (units + MINOR_UNIT // 2) // MINOR_UNIT
 
 
 def round_minor(amount: Decimal) -> int:

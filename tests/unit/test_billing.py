@@ -377,3 +377,17 @@ def test_tally_many_leaves_the_bill_tally_leaves_one_by_one(t: Terms, before, ru
     many.tally_many(run, t)
     assert many.to_state() == one.to_state()
     assert many.lines() == one.lines() and many.total() == one.total()
+
+
+@settings(max_examples=200)
+@given(plans, requests)
+def test_running_total_after_each_request_equals_the_sum_of_the_settled_lines(t: Terms, reqs) -> None:
+    """The running total (integer cost units, no Decimal per request) and the lines (exact Decimal
+    costs, rounded once each) agree after every request, and after a round trip through the state."""
+    bill = bill_with(t)
+    for n, (when, inp, out, hit) in enumerate(sorted(reqs, key=lambda r: r[0])):
+        bill.tally(when, inp, out, hit, t)
+        running = bill.total_minor
+        assert running == sum(line.amount.amount_minor for line in bill.lines()), n
+        restored = CycleBill.from_state(bill.to_state())
+        assert restored.total_minor == running
