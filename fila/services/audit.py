@@ -37,7 +37,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -99,7 +99,7 @@ def verify(db: Database, recorder: Any, *, page: int = 10_000,
     sql = (f"SELECT notification_id, link_hash, event_hash, originator_id, originator_version, topic "
            f"FROM {TABLE} WHERE notification_id > ? AND notification_id <= ? ORDER BY notification_id")
     has_chain = head is not None
-    for position, stop, events in _pages(recorder, end, page, []):
+    for position, stop, events in _pages(recorder, end, page, [], db):
         links = db.read(sql, (position, stop)) if has_chain else []
         by_id = {row[0]: row for row in links}
         for n in events:
@@ -374,7 +374,7 @@ def replay(recorder: Any, db: Database, cycle_id: str, as_of: str | datetime | N
     at_view_position: dict[str, Any] | None = None
     read = excluded = 0
     undecodable: list[EventRef] = []
-    for _, _, notes in _pages(recorder, log_head, page, list(TOPICS)):
+    for _, _, notes in _pages(recorder, log_head, page, list(TOPICS), db):
         for n in notes:
             read += 1
             try:
@@ -387,7 +387,7 @@ def replay(recorder: Any, db: Database, cycle_id: str, as_of: str | datetime | N
                     state = _decode(n.state)
                     moment = state.get("at") if isinstance(state, dict) else None
             except (msgspec.DecodeError, msgspec.ValidationError):
-                undecodable.append(EventRef(position=n.id, kind=n.topic, entry_id=str(n.originator_id)))
+                undecodable.append(EventRef(position=n.id, kind=n.topic, entry_id=n.originator_id))
                 continue
             if cutoff is not None:
                 when = _when(moment)
@@ -396,7 +396,7 @@ def replay(recorder: Any, db: Database, cycle_id: str, as_of: str | datetime | N
                     continue
             if view_position is not None and at_view_position is None and n.id > view_position:
                 at_view_position = _row_of(fold, target)
-            fold.apply(n.id, n.topic, str(n.originator_id), state, n.originator_version)
+            fold.apply(n.id, n.topic, n.originator_id, state, n.originator_version)
 
     cycle = fold.cycles.get(target)
     if cycle is None or cycle.bill is None:
@@ -438,13 +438,36 @@ def replay(recorder: Any, db: Database, cycle_id: str, as_of: str | datetime | N
         seconds=round(time.perf_counter() - started, 3))
 
 
-def _pages(recorder: Any, head: int, page: int, topics: list[str]) -> Iterator[tuple[int, int, Sequence[Any]]]:
+class _Row(NamedTuple):
+    """One stored event as the audit reads it (the recorder's Notification, originator id as text)."""
+
+    id: int
+    originator_id: str
+    originator_version: int
+    topic: str
+    state: bytes
+
+
+def _pages(recorder: Any, head: int, page: int, topics: list[str],
+           db: Database | None = None) -> Iterator[tuple[int, int, Sequence[_Row]]]:
     """``(start, stop, events)``: the events of ``topics`` (all: ``[]``) with ids in ``(start, stop]``, a window
     of ``page`` ids at a time up to ``head`` (the query's work is bounded whatever the planner thinks; gaps
-    are fine), the next window read while this one is used."""
-    def fetch(start: int) -> Sequence[Any]:
-        return recorder.select_notifications(start=start, limit=page, stop=min(head, start + page), topics=topics,
-                                             inclusive_of_start=False)
+    are fine), the next window read while this one is used. With ``db`` on the event store's own
+    PostgreSQL database, the same query as the recorder's is read with a binary cursor into tuples
+    (``Database.select_events``, the projector's reader: about 3x less work than Notifications)."""
+    direct = (db is not None and db.dialect == "postgres" and hasattr(recorder, "events_table_name")
+              and hasattr(getattr(recorder, "datastore", None), "schema"))
+
+    def fetch(start: int) -> Sequence[_Row]:
+        stop = min(head, start + page)
+        if direct:
+            assert db is not None
+            rows = db.select_events(recorder.datastore.schema, recorder.events_table_name, start, stop, page,
+                                    topics or None)
+            return list(map(_Row._make, rows))
+        notes = recorder.select_notifications(start=start, limit=page, stop=stop, topics=topics,
+                                              inclusive_of_start=False)
+        return [_Row(n.id, str(n.originator_id), n.originator_version, n.topic, n.state) for n in notes]
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fila-audit-read") as reader:
         position = 0
