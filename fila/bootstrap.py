@@ -85,7 +85,8 @@ class Container:
         self.plans = PlanBook().attach(self.registry)
         self.redis = redis_client(settings.redis_url) if settings.redis_url else None
         self.limiter = RateLimiter(self.redis) if self.redis is not None else None
-        self.admission = PlanAdmission(self.plans, self.limiter, CycleTokens(self.redis))
+        self.admission = PlanAdmission(self.plans, self.limiter, CycleTokens(self.redis),
+                                       refresh=lambda: self.registry.refresh(self.batcher.run))
         self.keys = KeyService(self.batcher, self.registry)
         self.plan_service = PlanService(self.batcher, self.registry, self.plans)
         self.plan_stats = PlanStats(store.recorder, self.registry, self.plans, self.batcher.run)

@@ -112,10 +112,17 @@ class Registry:
         record = self.by_hash.get(secret_hash)
         if record is not None:
             return record
+        await self.refresh(run)
+        return self.by_hash.get(secret_hash)
+
+    async def refresh(self, run: Callable[..., Any]) -> None:
+        """Read the log now, for something another process may have written a moment ago (an
+        unknown key, a key without an assignment yet). One refresh runs at a time, and at most
+        one every ``MISS_REFRESH_S``: a flood of misses costs one read per interval."""
         if self._refresh is None:
             now = time.monotonic()
             if now - self._last_refresh < MISS_REFRESH_S:
-                return None
+                return
             self._last_refresh = now
             self._refresh = asyncio.ensure_future(run(self.catch_up))
             try:
@@ -124,7 +131,6 @@ class Registry:
                 self._refresh = None
         else:
             await asyncio.shield(self._refresh)
-        return self.by_hash.get(secret_hash)
 
     def _key_issued(self, key_id: str, state: dict[str, Any], version: int) -> None:
         record = KeyRecord(id=key_id, name=state["name"], owner=state["owner"], prefix=state["prefix"],

@@ -76,8 +76,10 @@ class CycleTokens:
 
 class PlanAdmission:
     def __init__(self, book: PlanBook, limiter: RateLimiter | None, cycle_tokens: CycleTokens,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 refresh: Callable[[], Awaitable[None]] | None = None) -> None:
         self.book = book
+        self.refresh = refresh    # reads the log now (the book follows it by polling)
         self.limiter = limiter
         self.local = LocalLimiter(clock)
         self.cycle_tokens = cycle_tokens
@@ -111,6 +113,11 @@ class PlanAdmission:
 
     async def admit(self, key: KeyRecord, request: Any, now: datetime) -> Admitted:
         assignment = self.book.current_assignment(key.id)
+        if assignment is None and self.refresh is not None:
+            # another process may have assigned it a moment ago (a key issued with a plan is two
+            # commits, and this process may have read the log between them): read it once more
+            await self.refresh()
+            assignment = self.book.current_assignment(key.id)
         if assignment is None:
             raise Forbidden("this API key is not assigned to any plan", code="no_active_plan")
         if assignment.status != ACTIVE:

@@ -63,3 +63,38 @@ def test_an_admin_write_through_one_process_is_read_at_once_through_another(pg_u
             assert made.status_code == 201, made.text
             key = httpx.post(f"{b.base_url}/admin/api-keys", json={"name": "k", "plan": slug}, headers=auth)
             assert key.status_code == 201, key.text
+
+
+async def test_a_key_whose_assignment_lands_after_this_process_read_the_key_is_admitted(database_url):
+    """Issuing a key with a plan is two commits (the key, then its assignment). A process whose
+    poll ran between them knows the key but not its plan: admission reads the log once more
+    rather than answer 403 no_active_plan until the next poll."""
+    from types import SimpleNamespace
+
+    from fila.domain.plans import Assignment, Plan, assignment_id_for
+    from fila.projections.planbook import PlanBook
+    from fila.services.admission import CycleTokens, PlanAdmission
+
+    writer = open_store(database_url)
+    second = open_store(database_url)
+    other = Registry(second.recorder, interval=3600)      # the poll never runs by itself here
+    book = PlanBook().attach(other)
+    reads = 0
+
+    async def refresh() -> None:
+        nonlocal reads
+        reads += 1
+        await other.refresh(_run)
+
+    admission = PlanAdmission(book, None, CycleTokens(None), refresh=refresh)
+    now = datetime.now(UTC)
+    plan = Plan.define(f"p-{uuid4().hex[:8]}", {"name": "P", "included_tokens": 1000}, now)
+    key_id, secret = uuid4(), f"fila-sk-{uuid4().hex}"
+    writer.save(plan, ApiKey.issue(key_id, "fresh", "owner", secret, now))
+    other.catch_up()                                          # the poll ran here: key, no plan yet
+    key = other.authenticate(hash_secret(secret))
+    assert key is not None and book.current_assignment(key.id) is None
+    writer.save(Assignment.assign(assignment_id_for(str(key_id), 0), str(key_id), str(plan.id), now, None, now))
+
+    admitted = await admission.admit(key, SimpleNamespace(), datetime.now(UTC))
+    assert admitted.plan_id == str(plan.id) and reads == 1
