@@ -29,6 +29,7 @@ BREAKER_OPEN = "breaker_open"                # failed fast: circuit open, no fal
 RATE_LIMITED = "rate_limited"                # refused by a rate-limit rule
 QUOTA_EXHAUSTED = "quota_exhausted"          # refused by a plan's hard cap
 FORBIDDEN = "forbidden"                      # no active plan assignment
+IDEMPOTENCY_CONFLICT = "idempotency_conflict"  # an Idempotency-Key reused for a different request (409)
 
 BILLABLE_OUTCOMES = frozenset({OK, CLIENT_DISCONNECTED})
 
@@ -81,6 +82,7 @@ class LedgerEntry(Aggregate):
         assignment_id: str | None = None,
         refusal_rule: str | None = None,
         refusal_counts: dict | None = None,
+        request_fingerprint: str | None = None,
     ) -> None:
         self.api_key_id = api_key_id
         self.at = at
@@ -106,6 +108,9 @@ class LedgerEntry(Aggregate):
         self.assignment_id = assignment_id
         self.refusal_rule = refusal_rule
         self.refusal_counts = refusal_counts
+        # with an Idempotency-Key: the client's request as sent (before FILA prepends its base
+        # context or history), so a retry can be told from another request reusing the key
+        self.request_fingerprint = request_fingerprint
 
 
 @cache

@@ -22,7 +22,7 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 
 from fila.domain import ledger
-from fila.domain.errors import (FilaError, Forbidden, RateLimited, UpstreamClientError, UpstreamError,
+from fila.domain.errors import (Conflict, FilaError, Forbidden, RateLimited, UpstreamClientError, UpstreamError,
                                 UpstreamUnavailable)
 from fila.domain.ledger import LedgerEntry
 from fila.domain.time import iso
@@ -52,6 +52,7 @@ class RequestContext:
     tokens: int = 0
     cache: str = "none"
     entry_id: str | None = None
+    request_fingerprint: str | None = None   # with an Idempotency-Key: the request as the client sent it
 
     def latency_us(self) -> int:
         return int((time.perf_counter() - self.started) * 1_000_000)
@@ -127,7 +128,7 @@ class Gateway:
             fields.setdefault("assignment_id", admitted.assignment_id)
         return ledger.recorded(entry_id, api_key_id=ctx.key.id, at=iso(ctx.now), outcome=outcome, status=status,
                                model=model, idempotency_key=ctx.idempotency_key, latency_us=ctx.latency_us(),
-                               **fields)
+                               request_fingerprint=ctx.request_fingerprint, **fields)
 
     async def _record_failure(self, ctx: RequestContext, parsed: ParsedRequest, admitted: Admitted | None,
                               error: FilaError, fingerprint: str, lookup: Lookup) -> None:
@@ -170,6 +171,8 @@ class Gateway:
 
     async def complete(self, ctx: RequestContext, parsed: ParsedRequest) -> Reply:
         ctx.model = parsed.model
+        if ctx.idempotency_key:
+            ctx.request_fingerprint = ledger.fingerprint(parsed.canonical())
         lookup = await self.cache.prepare(ctx, parsed)     # base context + history prepended, cache key
         parsed = lookup.parsed
         fingerprint = ledger.fingerprint(parsed.canonical())
@@ -177,6 +180,7 @@ class Gateway:
         if ctx.idempotency_key:
             previous = await self._replayable(ctx, entry_id)
             if previous is not None:
+                await self._same_request(ctx, previous, parsed.model, fingerprint, parsed.request.stream)
                 return Reply(previous.response.encode(), {"idempotent-replayed": "true"})
         try:
             return await self._complete(ctx, parsed, fingerprint, entry_id, lookup)
@@ -278,8 +282,23 @@ class Gateway:
         if previous is None:
             return None
         self._release(entry_id)
-        ctx.outcome, ctx.entry_id, ctx.cache = "replayed", str(entry_id), "idempotent"
         return previous
+
+    async def _same_request(self, ctx: RequestContext, previous: LedgerEntry, model: str, fingerprint: str,
+                            stream: bool) -> None:
+        """A retry gets the first attempt's answer. Another request reusing its Idempotency-Key
+        (a different body as the client sent it) is refused with a 409, recorded under an id of
+        its own. An entry recorded before the client's own fingerprint was kept counts as a retry."""
+        recorded = getattr(previous, "request_fingerprint", None)
+        if recorded is None or recorded == ctx.request_fingerprint:
+            ctx.outcome, ctx.entry_id, ctx.cache = "replayed", str(previous.id), "idempotent"
+            return
+        error = Conflict("this Idempotency-Key was already used with a different request body; "
+                         "use a new key for a new request", param="Idempotency-Key", code="idempotency_key_reused")
+        entry = self._entry(ctx, new_uuid(), None, outcome=ledger.IDEMPOTENCY_CONFLICT, status=error.status,
+                            model=model, fingerprint=fingerprint, stream=stream, error=error.code)
+        await self.batcher.commit(entry)
+        raise error
 
     async def _commit_or_replay(self, ctx: RequestContext, entry: LedgerEntry.Recorded) -> LedgerEntry | None:
         try:
@@ -288,8 +307,11 @@ class Gateway:
         except IntegrityError:
             if not ctx.idempotency_key:
                 raise
+            previous = await self._previous(entry.originator_id)
+            if previous is not None:
+                await self._same_request(ctx, previous, entry.model, entry.fingerprint, entry.stream)
             ctx.outcome = "replayed"
-            return await self._previous(entry.originator_id)
+            return previous
 
     def _release(self, entry_id: UUID) -> None:
         waiter = self._inflight.pop(entry_id, None)
@@ -300,6 +322,8 @@ class Gateway:
 
     async def stream(self, ctx: RequestContext, parsed: ParsedRequest) -> StreamReply:
         ctx.model = parsed.model
+        if ctx.idempotency_key:
+            ctx.request_fingerprint = ledger.fingerprint(parsed.canonical())
         lookup = await self.cache.prepare(ctx, parsed)
         parsed = lookup.parsed
         fingerprint = ledger.fingerprint(parsed.canonical())
@@ -308,6 +332,7 @@ class Gateway:
         if ctx.idempotency_key:
             previous = await self._replayable(ctx, entry_id)
             if previous is not None:
+                await self._same_request(ctx, previous, parsed.model, fingerprint, True)
                 return StreamReply(_frames(completion_as_chunks(_decode(previous.response), include_usage), ctx),
                                    {"idempotent-replayed": "true"})
         hit = None

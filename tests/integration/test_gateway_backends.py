@@ -159,3 +159,35 @@ def test_a_failed_attempt_does_not_use_up_the_idempotency_key(server, fake_upstr
     retried = chat(server, secret, body("flaky"), **NO_CACHE, **{"Idempotency-Key": "try"})
     assert retried.status_code == 200 and "idempotent-replayed" not in retried.headers
     assert sorted(e["outcome"] for e in entries(server)) == ["ok", "upstream_error"]
+
+
+def test_an_idempotency_key_reused_for_another_request_is_a_409_and_recorded(server, fake_upstream):
+    key_id, secret = new_key(server)
+    first = chat(server, secret, body("buy one"), **NO_CACHE, **{"Idempotency-Key": "cart-7"})
+    other = chat(server, secret, body("buy two"), **NO_CACHE, **{"Idempotency-Key": "cart-7"})
+    assert first.status_code == 200
+    assert other.status_code == 409, other.text
+    error = other.json()["error"]
+    assert error["code"] == "idempotency_key_reused" and error["param"] == "Idempotency-Key"
+    assert fake_upstream.stats["chat_completions"] == 1
+    # the same request again is still a retry, answered from the ledger; as a stream too
+    again = chat(server, secret, body("buy one"), **NO_CACHE, **{"Idempotency-Key": "cart-7"})
+    assert again.status_code == 200 and again.content == first.content
+    assert again.headers.get("idempotent-replayed") == "true"
+    streamed = chat(server, secret, body("buy one", stream=True), **NO_CACHE, **{"Idempotency-Key": "cart-7"})
+    assert streamed.status_code == 200 and streamed.headers.get("idempotent-replayed") == "true"
+    recorded = sorted((e["outcome"], e["status"]) for e in entries(server) if e["api_key_id"] == key_id)
+    assert recorded == [("idempotency_conflict", 409), ("ok", 200)]
+
+
+def test_a_retry_is_told_by_the_request_as_sent_not_as_fila_extended_it(server, fake_upstream):
+    """FILA prepends the client's base context: a context set between two attempts changes what
+    goes upstream, not the client's request, so the second attempt is still a retry."""
+    _, secret = new_key(server)
+    first = chat(server, secret, body("summarise"), **NO_CACHE, **{"Idempotency-Key": "job-1"})
+    context = httpx.put(f"{server.base_url}/v1/fila/context", json={"system": "Answer in French."},
+                        headers={"Authorization": f"Bearer {secret}"}, timeout=10)
+    assert context.status_code in (200, 201), context.text
+    retry = chat(server, secret, body("summarise"), **NO_CACHE, **{"Idempotency-Key": "job-1"})
+    assert first.status_code == retry.status_code == 200
+    assert retry.headers.get("idempotent-replayed") == "true" and retry.content == first.content
