@@ -425,14 +425,11 @@ class RateLimiter:
                 if taking is not None:
                     self._stock(taking, reply, 1, now)
         except (RedisError, OSError) as exc:  # OSError: TimeoutError, ConnectionError
-            if taking is not None and taking.refilling:
-                self._stock(taking, None, 0, now)
             self._redis_failed(exc)
             return self._fallback.check(key_id, limits, now=now, degraded=True)
-        except BaseException:
-            if taking is not None and taking.refilling:
+        finally:
+            if taking is not None and taking.refilling:     # its call failed or was abandoned: no slots
                 self._stock(taking, None, 0, now)
-            raise
         self._skip_redis_until = 0.0
         allowed, before, n = int(reply[0]), reply[1:], len(limits.rules)
         admitted = place < allowed
@@ -520,13 +517,13 @@ class RateLimiter:
             size = 0 if self._redis_skipped() else self._reserve_size(key_id, limits, now)
             if size:
                 reserve.refilling, reserve.landed = True, loop.create_future()
-                self._spawn(self._refill(key_id, reserve, limits, size, now))
+                self._spawn(self._refill(reserve, size, now))
             elif not reserve.left:         # spent, and no more to take: the next check goes to Redis
                 del self._reserves[key_id]
         return _decide(limits, counts, True, now, False)
 
-    async def _refill(self, key_id: str, reserve: _Reserve, limits: Limits, size: int, now: float) -> None:
-        keys, args = self._call_args(key_id, limits, now)
+    async def _refill(self, reserve: _Reserve, size: int, now: float) -> None:
+        keys, args = self._call_args(reserve.key_id, reserve.limits, now)
         reply = None
         try:
             async with asyncio.timeout(self._timeout_s):
