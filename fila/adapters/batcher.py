@@ -112,7 +112,7 @@ class Batcher:
     def _save(self, batch: Sequence[tuple]) -> None:
         events = [event for item in batch for event in item[0]]
         try:
-            recordings = self.store.save(*events)
+            recordings = self.store.record(events)
         except Exception as error:  # the store's errors are many; each caller gets its own
             if len(batch) == 1:
                 self._resolve(batch, None, error)

@@ -10,10 +10,13 @@ each save sent in one round trip.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from eventsourcing.application import Application
+from eventsourcing.persistence import Recording
 
 from fila.config import sqlite_path
 
@@ -25,6 +28,14 @@ class FilaStore(Application):
     """All of FILA's aggregates live in one application, so one log orders everything."""
 
     name = "fila"
+
+    def record(self, events: Sequence[Any]) -> list[Recording]:
+        """Store these domain events in one transaction: ``save`` for a caller that already holds
+        events, not aggregates (the batcher). ``save`` first collects every object through a
+        ``ProcessingEvent`` (a runtime protocol check per object) and looks for snapshots and
+        followers to notify; FILA takes no snapshots and has no followers, so that was ~9 us
+        per event of the batcher's time for nothing."""
+        return self.events.put(events)
 
     def close(self) -> None:
         close_writer = getattr(self.recorder, "close_writer", None)

@@ -156,11 +156,11 @@ class GatedStore:
         self.entered = threading.Event()
         self.saves: list[int] = []
 
-    def save(self, *events: Any) -> Any:
+    def record(self, events: Any) -> Any:
         self.entered.set()
         self.gate.wait(timeout=10)
         self.saves.append(len(events))
-        return self.store.save(*events)
+        return self.store.record(events)
 
 
 async def test_a_bad_entry_fails_only_its_own_caller_and_the_rest_of_its_batch_commits(store):
