@@ -22,6 +22,7 @@ library's database functions (``POSTGRES_ENABLE_DB_FUNCTIONS``), as the brief re
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
@@ -30,9 +31,11 @@ import psycopg
 from eventsourcing import persistence
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
-from eventsourcing.utils import retry
 from psycopg.pq import Escaping, TransactionStatus
 from psycopg.sql import SQL, Composed, Identifier
+
+ATTEMPTS = 10          # a lost connection is retried as the library's recorder does (its @retry)
+RETRY_WAIT_S = 0.2
 
 # psycopg's error classes, most specific first, and the store's classes the library raises for them
 _ERRORS = [(getattr(psycopg, name), getattr(persistence, name)) for name in (
@@ -61,10 +64,56 @@ class OneTripRecorder(PostgresApplicationRecorder):
         self._writer_lock = threading.Lock()
         self._literals: dict[Any, str] = {}
 
-    @retry((persistence.InterfaceError, persistence.OperationalError), max_attempts=10, wait=0.2)
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        """Write ``stored_events`` in one transaction; their notification ids, in order.
+
+        A lost connection is retried, as the library does (up to ``ATTEMPTS`` times, ``RETRY_WAIT_S``
+        apart). If the connection died after the server committed but before its reply arrived,
+        the retry meets the events already there (a uniqueness violation): when every one of them
+        is stored with the same topic and state, the write did happen, and their ids are returned
+        instead of an IntegrityError for a request that was in fact recorded."""
         if not stored_events:
             return None
+        lost = False
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                return self._insert_once(stored_events)
+            except persistence.IntegrityError:
+                ids = self._already_stored(stored_events) if lost else None
+                if ids is None:
+                    raise
+                return ids
+            except (persistence.InterfaceError, persistence.OperationalError):
+                if attempt == ATTEMPTS:
+                    raise
+                lost = True
+                time.sleep(RETRY_WAIT_S)
+        raise AssertionError("unreachable")
+
+    def _already_stored(self, stored_events: Sequence[StoredEvent]) -> list[int] | None:
+        """The ids of these events if each is stored exactly as given, else None."""
+        keys = [(event.originator_id, event.originator_version) for event in stored_events]
+        query = SQL("SELECT originator_id, originator_version, topic, state, notification_id FROM {0}.{1} "
+                    "WHERE (originator_id, originator_version) IN (SELECT * FROM unnest(%s::uuid[], %s::bigint[]))"
+                    ).format(Identifier(self.datastore.schema), Identifier(self.events_table_name))
+        with self._writer_lock:
+            conn = self._connection()
+            try:
+                rows = conn.execute(query, ([k[0] for k in keys], [k[1] for k in keys])).fetchall()
+                conn.rollback()
+            except psycopg.Error as error:
+                self._abandon(conn)
+                raise _translate(error) from error
+        found = {(row[0], row[1]): row for row in rows}
+        ids = []
+        for event in stored_events:
+            row = found.get((event.originator_id, event.originator_version))
+            if row is None or row[2] != event.topic or bytes(row[3]) != bytes(event.state):
+                return None
+            ids.append(row[4])
+        return ids
+
+    def _insert_once(self, stored_events: Sequence[StoredEvent]) -> list[int]:
         with self._writer_lock:
             conn = self._connection()
             try:

@@ -91,3 +91,44 @@ def test_concurrent_writers_from_several_threads_lose_nothing(store: FilaStore) 
     assert errors == []
     notes = store.recorder.select_notifications(start=1, limit=1000)
     assert len(notes) == 400 and [n.id for n in notes] == sorted(n.id for n in notes)
+
+
+def _connection_dies_once(recorder: OneTripRecorder, monkeypatch: pytest.MonkeyPatch, *,
+                          after_commit: bool) -> list[list[int]]:
+    """The next write's connection dies: after the server committed it (its reply lost) or before."""
+    from eventsourcing.persistence import OperationalError
+
+    import fila.adapters.pg_recorder as module
+
+    monkeypatch.setattr(module, "RETRY_WAIT_S", 0.01)
+    real, attempts, committed = recorder._insert_once, [], []
+
+    def once(stored_events):
+        attempts.append(len(stored_events))
+        if len(attempts) == 1:
+            if after_commit:
+                committed.append(real(stored_events))
+            recorder.close_writer()
+            raise OperationalError("server closed the connection unexpectedly")
+        return real(stored_events)
+
+    monkeypatch.setattr(recorder, "_insert_once", once)
+    return committed
+
+
+def test_a_write_whose_commit_reply_was_lost_is_recognised_on_retry(store: FilaStore, monkeypatch) -> None:
+    committed = _connection_dies_once(store.recorder, monkeypatch, after_commit=True)
+    ids = store.recorder.insert_events(events(5))
+    assert ids == committed[0]                                # the first attempt's rows, not an IntegrityError
+    stored = store.recorder.select_notifications(start=ids[0] - 1, limit=10)
+    assert [n.id for n in stored] == ids                      # stored once each
+
+
+def test_after_a_lost_connection_a_true_duplicate_is_still_an_integrity_error(store: FilaStore, monkeypatch) -> None:
+    first = events(1)
+    store.recorder.insert_events(first)
+    clash = [StoredEvent(first[0].originator_id, 1, first[0].topic, b"another state")]
+    _connection_dies_once(store.recorder, monkeypatch, after_commit=False)
+    with pytest.raises(IntegrityError):
+        store.recorder.insert_events(events(2) + clash)       # the retry meets a row that is not this one
+    assert store.recorder.select_events(first[0].originator_id)[0].state == first[0].state
