@@ -84,7 +84,8 @@ class Container:
         self.registry = Registry(store.recorder)
         self.plans = PlanBook().attach(self.registry)
         self.redis = redis_client(settings.redis_url) if settings.redis_url else None
-        self.limiter = RateLimiter(self.redis) if self.redis is not None else None
+        self.limiter = (RateLimiter(self.redis, reserve=settings.rate_limit_reserve)
+                        if self.redis is not None else None)
         self.admission = PlanAdmission(self.plans, self.limiter, CycleTokens(self.redis),
                                        refresh=lambda: self.registry.refresh(self.batcher.run))
         self.keys = KeyService(self.batcher, self.registry)

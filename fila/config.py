@@ -42,6 +42,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     breaker_min_calls: int = 20
     breaker_open_s: float = 10.0
     cache_memory_mb: int = 64
+    rate_limit_reserve: int = 64
     log_format: str = "auto"
     log_level: str = "info"
     embedded_projector: bool = True
@@ -175,6 +176,7 @@ ENVIRONMENT = {
     "FILA_BREAKER_MIN_CALLS": ("breaker_min_calls", lambda n, r: _int(n, r, 1)),
     "FILA_BREAKER_OPEN_S": ("breaker_open_s", lambda n, r: _float(n, r, 0.01)),
     "FILA_CACHE_MEMORY_MB": ("cache_memory_mb", lambda n, r: _int(n, r, 0)),
+    "FILA_RATE_LIMIT_RESERVE": ("rate_limit_reserve", lambda n, r: _int(n, r, 0, 10_000)),
     "FILA_LOG_FORMAT": ("log_format", _choice("auto", "json", "console")),
     "FILA_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
     "FILA_EMBEDDED_PROJECTOR": ("embedded_projector", _bool),

@@ -130,6 +130,32 @@ def test_per_minute_limit_is_a_rate_limit_error_with_openai_headers(server: Any,
     assert headers.get_list("retry-after") == [headers["retry-after"]] and 1 <= int(headers["retry-after"]) <= 60
 
 
+def test_a_roomy_key_is_served_from_a_reserve_with_exact_headers(server: Any, admin: httpx.Client) -> None:
+    plan = new_plan(admin, requests_per_minute=1000, requests_per_hour=100_000)
+    key_id, secret = new_key(admin, plan)
+    with sdk(server, secret) as client:
+        wait_for_minute_room()
+        remaining = [int(ask(client).headers["x-ratelimit-remaining-requests"]) for _ in range(6)]
+    assert remaining == list(range(999, 993, -1))
+    assert server.container.limiter.reserved(key_id)       # FILA_RATE_LIMIT_RESERVE's default: on
+
+
+def test_rate_limit_reserve_zero_turns_reserves_off() -> None:
+    settings = load_settings({"FILA_RATE_LIMIT_RESERVE": "0"}, database_url=new_pg_url(), redis_url=REDIS_URL,
+                             openai_api_key="sk-upstream", upstream_base_url="http://127.0.0.1:9/v1")
+    container = build_container(settings)
+
+    async def close() -> None:
+        await container.primary.close()
+        await container.redis.aclose()
+
+    try:
+        assert container.limiter is not None and container.limiter._reserve_max == 0
+    finally:
+        asyncio.run(close())
+        container.store.close()
+
+
 def test_suspended_is_403_and_reactivated_is_200_again(server: Any, admin: httpx.Client) -> None:
     key_id, secret = new_key(admin, new_plan(admin))
     url = assignment_url(admin, key_id)
