@@ -252,8 +252,8 @@ class _Reserve:
     size: int                    # slots asked for per refill
     left: int = 0
     used_at: float = 0.0         # loop time of the last request served
-    refilling: bool = False      # a script call asking for its slots is on its way
-    landed: asyncio.Future | None = None   # resolved when that call's answer is in
+    # while a script call asking for its slots is on its way: resolved when its answer is in
+    landed: asyncio.Future | None = None
     taken_at: float = 0.0        # the limiter's clock when it was taken
 
 
@@ -428,7 +428,7 @@ class RateLimiter:
             self._redis_failed(exc)
             return self._fallback.check(key_id, limits, now=now, degraded=True)
         finally:
-            if taking is not None and taking.refilling:     # its call failed or was abandoned: no slots
+            if taking is not None and taking.landed is not None:   # its call failed or was abandoned: no slots
                 self._stock(taking, None, 0, now)
         self._skip_redis_until = 0.0
         allowed, before, n = int(reply[0]), reply[1:], len(limits.rules)
@@ -465,7 +465,7 @@ class RateLimiter:
         starts = [(window_start(now, seconds), seconds) for _, _, seconds, _ in limits.rules]
         reserve = _Reserve(key_id, limits, keys[:len(limits.rules)], max(start for start, _ in starts),
                            min(start + seconds for start, seconds in starts), {}, size,
-                           used_at=loop.time(), refilling=True, landed=loop.create_future(), taken_at=now)
+                           used_at=loop.time(), landed=loop.create_future(), taken_at=now)
         self._reserves[key_id] = reserve
         loop.call_later(self._reserve_hold_s, self._expire, key_id, reserve)
         return reserve
@@ -474,7 +474,6 @@ class RateLimiter:
         """Put the slots a script call granted beyond its ``requests`` into ``reserve`` (a failed
         call, ``reply=None``, grants none)."""
         key_id, limits = reserve.key_id, reserve.limits
-        reserve.refilling = False
         if reserve.landed is not None:
             if not reserve.landed.done():
                 reserve.landed.set_result(None)
@@ -513,10 +512,10 @@ class RateLimiter:
         reserve.used_at = loop.time()
         for name, _, _, _ in limits.rules:
             counts[name] = reserve.counts[name] - reserve.left
-        if reserve.left * 2 <= reserve.size and not reserve.refilling:
+        if reserve.left * 2 <= reserve.size and reserve.landed is None:
             size = 0 if self._redis_skipped() else self._reserve_size(key_id, limits, now)
             if size:
-                reserve.refilling, reserve.landed = True, loop.create_future()
+                reserve.landed = loop.create_future()
                 self._spawn(self._refill(reserve, size, now))
             elif not reserve.left:         # spent, and no more to take: the next check goes to Redis
                 del self._reserves[key_id]
@@ -538,7 +537,7 @@ class RateLimiter:
             return
         loop = asyncio.get_running_loop()
         idle = loop.time() - reserve.used_at
-        if idle >= self._reserve_hold_s and not reserve.refilling:
+        if idle >= self._reserve_hold_s and reserve.landed is None:
             self._drop(key_id)
         else:
             loop.call_later(max(self._reserve_hold_s - idle, 0.01), self._expire, key_id, reserve)
