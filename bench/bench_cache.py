@@ -9,6 +9,9 @@ Measures, in one run on this machine (load from wrk, a separate process, on loop
      limits), one prompt warmed: every request is a cache hit (memory layer after the first in
      each worker) recorded as its own ledger entry before it is answered.
 Each under load (wrk, 64 connections) and at light load (one client, 50 req/s, sequential).
+At light load also the floor (``bench/floor.py``): a bare Litestar handler that commits one row
+to PostgreSQL and returns the same bytes, what any hit recorded durably before its answer pays
+on this machine, so FILA's own share of its light-load figure is the difference.
 Prints requests/s, p50, p99, committed events/s, the servers' peak RSS, and FILA / baseline.
 """
 
@@ -28,6 +31,7 @@ from litestar import Litestar, Response, post  # noqa: E402
 
 from bench.common import (count_events, create_key, drop_database, fake_upstream, free_port,  # noqa: E402
                           fresh_database, machine, paced, row, tree_peak_rss_mb, uvicorn_app, wrk)
+from bench.floor import BODY_ENV, DATABASE_ENV  # noqa: E402
 
 BODY = {"model": "gpt-4.1-nano", "messages": [{"role": "user", "content": "Say hello to the cache benchmark."}]}
 ADMIN = "bench-admin-token"
@@ -143,10 +147,15 @@ def main() -> int:
                 base_load["cpu_ms"] = (tree_cpu_s(baseline.pid) - cpu) * 1000 / base_load["requests"]
                 base_light = paced(burl, BODY, "x")
                 base_rss = tree_peak_rss_mb(baseline.pid)
+            floor_port = free_port()
+            with uvicorn_app(floor_port, "bench.floor:floor_app",
+                             {DATABASE_ENV: database, BODY_ENV: cached_body.decode()}, args.workers):
+                floor_light = paced(f"http://127.0.0.1:{floor_port}/v1/chat/completions", BODY, "x")
         print(f"\nload: wrk, {args.connections} connections, {args.seconds} s; light: one client at 50 req/s")
         print(row("baseline: Litestar + one Redis GET, load", base_load)
               + f"  server CPU {base_load['cpu_ms']:.3f} ms/request")
         print(row("baseline: Litestar + one Redis GET, light", base_light))
+        print(row("floor: Litestar + one durable INSERT, light", floor_light))
         print(row("FILA cache hit, load", load) + f"  server CPU {load['cpu_ms']:.3f} ms/request"
               f"  committed {load['events_per_s']:,.0f} events/s")
         print(row("FILA cache hit, light", light))

@@ -9,6 +9,9 @@ Measures, in one run on this machine (load from wrk, a separate process, on loop
   3. the same with a plan whose rate limits are all set (high enough never to refuse), so the
      cost of rate limiting and plan lookup shows as a difference; 2 and 3 take turns over
      ``--rounds`` rounds and the medians are compared;
+  4. the floor (``bench/floor.py``): a bare Litestar handler that calls the same upstream with
+     aiohttp and commits one row to PostgreSQL before answering, at light load only: what any
+     durable gateway on this stack pays on this machine, so FILA's own share is the difference;
 with ``--with-projector``, ``fila projections run`` follows the log in its own process (as in
 docker-compose) on the same two cores, and its lag is sampled every second.
 Prints requests/s, p50, p99, committed events/s, the server's peak RSS, and the added latency.
@@ -28,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx  # noqa: E402
 
 from bench.common import (count_events, create_key, drop_database, fake_upstream, fila_server, free_port,  # noqa: E402
-                          fresh_database, machine, paced, process, row, tree_peak_rss_mb, wrk)
+                          fresh_database, machine, paced, process, row, tree_peak_rss_mb, uvicorn_app, wrk)
+from bench.floor import DATABASE_ENV, UPSTREAM_ENV  # noqa: E402
 
 BODY = {"model": "gpt-4.1-nano", "messages": [{"role": "user", "content": "Say hello to the benchmark."}]}
 BYPASS = {"x-fila-cache": "bypass"}
@@ -124,10 +128,17 @@ def main() -> int:
                 if args.with_projector:
                     time.sleep(3)
                     head, final_lag = projection_lag(database)
+            floor_env = {DATABASE_ENV: database, UPSTREAM_ENV: f"{upstream}/chat/completions"}
+            floor_port = free_port()
+            with uvicorn_app(floor_port, "bench.floor:floor_app", floor_env, args.workers):
+                floor_light = paced(f"http://127.0.0.1:{floor_port}/v1/chat/completions", BODY, "x",
+                                    seconds=args.light_seconds)
         print(f"\nload: wrk, {args.connections} connections, {args.seconds} s; light: one client at 50 req/s "
               f"for {args.light_seconds} s; FILA's two plans alternate over {args.rounds} rounds (medians below)")
         print(row("baseline: fake upstream direct, load", direct))
         print(row("baseline: fake upstream direct, light", direct_light))
+        print(row("floor: Litestar + that call + durable INSERT, light", floor_light)
+              + f"  added p50 {floor_light['p50_ms'] - direct_light['p50_ms']:+.2f} ms")
         results = {label: (median_run(loads[label], "rps"), median_run(lights[label], "p50_ms")) for label in keys}
         for label, (load, light) in results.items():
             print(row(f"{label}, load", load) + f"  committed {load['events_per_s']:,.0f} events/s")
