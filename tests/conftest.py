@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from fila.adapters.fake_upstream import FakeUpstream
-from tests.support import drop_created_schemas, new_pg_url, new_sqlite_url
+from tests.support import REDIS_URL, drop_created_schemas, new_pg_url, new_sqlite_url
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -32,3 +32,16 @@ def database_url(request, tmp_path):
 @pytest.fixture
 def pg_url():
     return new_pg_url()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """The machine's Redis, which the Redis tests need as they need PostgreSQL: a run without it
+    fails here, saying so, rather than skipping them and passing (.ci/run starts it)."""
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping()
+    except redis.RedisError as error:
+        pytest.fail(f"these tests need Redis at {REDIS_URL} ({error}); start it as .ci/run does", pytrace=False)
+    return REDIS_URL

@@ -15,6 +15,7 @@ import psycopg
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 PG_TEST_DB = "fila_test"
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def ensure_test_database() -> None:

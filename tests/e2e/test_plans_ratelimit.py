@@ -18,10 +18,10 @@ from fila.bootstrap import build_container
 from fila.cli import main as fila_cli
 from fila.config import load_settings
 from fila.services.plans import DEFAULT_PLANS
-from tests.support import new_pg_url, running_fila
+from tests.support import REDIS_URL, new_pg_url, running_fila
 
 ADMIN = "e2e-admin-token"
-REDIS_URL = "redis://127.0.0.1:6379/0"
+pytestmark = pytest.mark.usefixtures("redis_server")
 HELLO = [{"role": "user", "content": "Hello, plans"}]
 
 

@@ -16,23 +16,15 @@ import pytest
 import redis
 
 from fila.config import load_settings
-from tests.support import ServerHandle, running_fila, wait_for
+from tests.support import REDIS_URL, ServerHandle, running_fila, wait_for
 from tests.support import ledger_events as log
 
 ADMIN = "admin-" + uuid.uuid4().hex
 MODEL = "gpt-4.1-nano"
 RECORDED = "fila:LedgerEntry.Recorded"
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-def _redis_up() -> bool:
-    try:
-        return redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping()
-    except redis.RedisError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _redis_up(), reason="no Redis at 127.0.0.1:6379")
+pytestmark = pytest.mark.usefixtures("redis_server")
 
 
 @contextmanager

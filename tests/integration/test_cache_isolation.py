@@ -22,7 +22,6 @@ from typing import Any
 
 import msgspec
 import pytest
-import redis
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -45,14 +44,7 @@ CONVERSATIONS = (None, "shared-1", "shared-2")
 CLIENTS, PROCESSES = 3, 2
 
 
-def _redis_up() -> bool:
-    try:
-        return redis.Redis(socket_connect_timeout=0.5).ping()
-    except redis.RedisError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _redis_up(), reason="no Redis at 127.0.0.1:6379")
+pytestmark = pytest.mark.usefixtures("redis_server")
 
 _encode = msgspec.json.Encoder().encode
 

@@ -20,10 +20,10 @@ from fila.adapters.fake_upstream import FakeUpstream
 from fila.adapters.ratelimit import MINUTE, window_start
 from fila.config import load_settings
 from fila.domain.ledger import RECORDED_TOPIC
-from tests.support import ledger_events, new_pg_url, running_fila
+from tests.support import REDIS_URL, ledger_events, new_pg_url, running_fila
 
 ADMIN = "overlap-admin"
-REDIS_URL = "redis://127.0.0.1:6379/0"
+pytestmark = pytest.mark.usefixtures("redis_server")
 BODY = {"model": "gpt-4.1-nano", "messages": [{"role": "user", "content": "overlap?"}]}
 BYPASS = {"x-fila-cache": "bypass"}
 

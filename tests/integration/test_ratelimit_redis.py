@@ -26,14 +26,7 @@ SLACK = 5.0  # deadline for tests about exactness: a loaded CI box must not make
 T0 = 1_700_000_040.0  # a minute boundary
 
 
-def _redis_up() -> bool:
-    try:
-        return redis.Redis(host=HOST, port=PORT, socket_connect_timeout=0.5).ping()
-    except redis.RedisError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _redis_up(), reason=f"no Redis at {HOST}:{PORT}")
+pytestmark = pytest.mark.usefixtures("redis_server")
 
 
 def new_client(**kwargs) -> aioredis.Redis:

@@ -16,26 +16,17 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
-import redis
 
 from fila.adapters.eventstore import open_store
 from fila.domain.ledger import RECORDED_TOPIC
-from tests.support import free_port, new_pg_url
+from tests.support import REDIS_URL, free_port, new_pg_url
 
 ADMIN = "two-process-admin-token"
-REDIS_URL = "redis://127.0.0.1:6379/0"
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT, FIRED = 20, 80
 
 
-def _redis_up() -> bool:
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _redis_up(), reason="no Redis at 127.0.0.1:6379")
+pytestmark = pytest.mark.usefixtures("redis_server")
 
 
 def wait_for_minute_room(seconds: float = 8.0) -> None:
