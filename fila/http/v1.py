@@ -8,6 +8,8 @@ import msgspec
 import structlog
 from litestar import Request, Response, get, post
 from litestar.response import Stream
+from litestar.response.base import ASGIResponse
+from litestar.types import ASGIApp
 
 from fila.domain.errors import FilaError, InvalidRequest
 from fila.http.auth import client_key
@@ -51,7 +53,7 @@ def _idempotency_key(request: Request) -> str | None:
 
 
 @post("/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
-async def chat_completions(request: Request) -> Response:
+async def chat_completions(request: Request) -> ASGIApp:
     container = _container(request)
     request_id = request.headers.get("x-request-id") or new_request_id()
     key = await client_key(request, container)
@@ -69,8 +71,9 @@ async def chat_completions(request: Request) -> Response:
         reply = await container.gateway.complete(ctx, parsed)
         reply.headers["x-request-id"] = request_id
         status = reply.status
-        return Response(reply.body, status_code=reply.status, media_type="application/json",
-                        headers=reply.headers)
+        # the ready ASGI response: Litestar's Response would only be turned into this, ~7 us later
+        return ASGIResponse(body=reply.body, status_code=reply.status, media_type="application/json",
+                            headers=reply.headers)
     except FilaError as error:
         status = error.status
         ctx.outcome = ctx.outcome or type(error).__name__
