@@ -39,6 +39,8 @@ def decode_body(raw: bytes, kind: type, *, allow_empty: bool = False) -> Any:
         raise InvalidRequest(text, param=field, code="invalid_field") from None
     except msgspec.DecodeError as error:
         raise InvalidRequest(f"the body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:
+        raise InvalidRequest("the body nests JSON too deeply", code="invalid_json") from None
 
 
 def json(data: Any, status: int = 200) -> Response:

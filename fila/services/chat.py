@@ -36,6 +36,9 @@ class ChatRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     conversation_id: str | None = None
 
 
+MAX_MODEL_LENGTH = 256      # OpenAI's ids, fine-tuned ones included, are far shorter
+TOO_DEEP = "the body nests JSON too deeply to be a chat completion request"
+
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _FILA_ONLY = ("conversation_id",)
 
@@ -76,6 +79,8 @@ def parse_chat_request(body: bytes, default_model: str) -> ParsedRequest:
         raw = _decode(body)
     except msgspec.DecodeError as error:
         raise InvalidRequest(f"the body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:
+        raise InvalidRequest(TOO_DEEP, code="invalid_json") from None
     if not isinstance(raw, dict):
         raise InvalidRequest("the body must be a JSON object", code="invalid_json")
     if "messages" not in raw:
@@ -98,6 +103,9 @@ def parse_chat_request(body: bytes, default_model: str) -> ParsedRequest:
     model = request.model if request.model is not None else default_model
     if not model.strip():
         raise InvalidRequest("'model' must not be empty", param="model")
+    if len(model) > MAX_MODEL_LENGTH or not model.isprintable():
+        raise InvalidRequest(f"'model' must be at most {MAX_MODEL_LENGTH} printable characters (no control "
+                             "characters)", param="model")
     for name in _FILA_ONLY:
         raw.pop(name, None)
     if request.stream:

@@ -390,3 +390,15 @@ def test_stats_follow_real_completions(admin: httpx.Client, server: Any) -> None
 
 def test_an_unknown_field_in_a_key_body_is_a_400_naming_it(admin: httpx.Client) -> None:
     refused(admin.post("/admin/api-keys", json={"name": "k", "plann": "free"}), 400, "plann")
+
+
+def test_json_nested_too_deeply_is_a_400_on_every_admin_body(admin: httpx.Client) -> None:
+    """A plan's terms take any JSON; one nested past the decoder's depth was a 500."""
+    plan = new_plan(admin)
+    for deep in (b'{"slug": "deep", "name": "x", "terms": ' + b'{"a":' * 5000 + b"1" + b"}" * 5001,
+                 b'{"a":' * 5000 + b"1" + b"}" * 5000):
+        for method, path in (("POST", "/admin/plans"), ("PATCH", f"/admin/plans/{plan['slug']}"),
+                             ("POST", "/admin/api-keys"), ("POST", "/admin/assignments")):
+            response = admin.request(method, path, content=deep, headers={"content-type": "application/json"})
+            assert response.status_code == 400, (method, path, response.text)
+            assert response.json()["error"]["code"] in ("invalid_json", "invalid_field"), response.text

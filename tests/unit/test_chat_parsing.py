@@ -99,6 +99,23 @@ def test_n_at_the_bounds_is_accepted(n):
     assert parse({"messages": USER, "n": n}).request.n == n
 
 
+@pytest.mark.parametrize("model", ["gpt-4.1-nano\x00x", "gpt\n4", "a" * 257])
+def test_a_model_with_control_characters_or_over_256_characters_is_refused(model):
+    assert refusal({"model": model, "messages": USER}).param == "model"
+
+
+def test_a_fine_tuned_model_name_is_accepted():
+    model = "ft:gpt-4.1-nano-2025-04-14:my-org:custom suffix:AbC123xy"
+    assert parse({"model": model, "messages": USER}).model == model
+    assert parse({"model": "m" * 256, "messages": USER}).model == "m" * 256
+
+
+def test_json_nested_deeper_than_the_decoder_goes_is_a_400_not_a_crash():
+    deep = b'{"messages": [{"role": "user", "content": "hi"}], "metadata": ' + b'{"a":' * 5000 + b"1" + b"}" * 5001
+    assert refusal(deep).code == "invalid_json"
+    assert refusal(b"[" * 100_000 + b"]" * 100_000).code == "invalid_json"
+
+
 def test_an_empty_model_is_refused():
     assert refusal({"messages": USER, "model": "  "}).param == "model"
 
