@@ -71,6 +71,13 @@ class Recorded(BillingRecorded, kw_only=True, gc=False):
     refusal_counts: dict | None = None
 
 
+def _printable(text: str) -> str:
+    """A client's text as a view can hold it: PostgreSQL text takes no NUL character, so one
+    in a stored event's model (FILA took them before it checked) would fail every page after
+    it, for good. The view shows U+FFFD in its place; the event keeps what was sent."""
+    return text.replace("\x00", "\ufffd")
+
+
 def _utc(at: str) -> str:
     """The request time as FILA writes it (``iso()``: UTC, ``+00:00``); anything else normalised."""
     return at if at.endswith("+00:00") else iso(parse_iso(at.replace("Z", "+00:00")))
@@ -126,9 +133,12 @@ class TokenUsageLog(_RecordedView):
         append = rows.append
         for n in notes:
             s = n.state
-            append((n.originator_id, n.id, _utc(s.at), s.api_key_id, s.plan_id, s.assignment_id, s.model,
+            model, upstream = s.model, s.upstream
+            if "\x00" in model:
+                model, upstream = _printable(model), upstream and _printable(upstream)
+            append((n.originator_id, n.id, _utc(s.at), s.api_key_id, s.plan_id, s.assignment_id, model,
                     s.outcome, s.status, s.prompt_tokens, s.completion_tokens, s.total_tokens, s.cache,
-                    s.cache_layer, s.tokens_saved, s.latency_us, s.stream, s.upstream, s.error))
+                    s.cache_layer, s.tokens_saved, s.latency_us, s.stream, upstream, s.error))
         return lambda tx: tx.insert_many(f"token_usage_log{suffix}", LOG_COLUMNS, rows, key=("entry_id",))
 
 
@@ -155,7 +165,10 @@ class UsageDaily(_RecordedView):
         for n in notes:
             s = n.state
             at = s.at
-            key = (s.api_key_id, at[:10] if at.endswith("+00:00") else _utc(at)[:10], s.model)
+            model = s.model
+            if "\x00" in model:
+                model = _printable(model)
+            key = (s.api_key_id, at[:10] if at.endswith("+00:00") else _utc(at)[:10], model)
             a = acc.get(key)
             if a is None:
                 a = acc[key] = [0] * 10

@@ -37,22 +37,24 @@ CACHES = ["none", "none", "hit", "miss", "bypass", "refresh"]
 ALL_TABLES = ("token_usage_log", "usage_daily", "rate_limit_refusals", "cache_stats_daily")
 
 
-def make_entry(rng: random.Random, i: int, keys: tuple[str, ...] = ("key-a", "key-b", "key-c")) -> LedgerEntry:
-    outcome = rng.choice(OUTCOMES)
+def make_entry(rng: random.Random, i: int, keys: tuple[str, ...] = ("key-a", "key-b", "key-c"),
+               **fields: Any) -> LedgerEntry:
+    outcome = fields.pop("outcome", None) or rng.choice(OUTCOMES)
     cache = rng.choice(CACHES) if outcome == "ok" else "none"
     prompt, completion = rng.randint(1, 500), rng.randint(0, 300)
     refused = outcome in REFUSALS
     return LedgerEntry(
         id=uuid4(), api_key_id=rng.choice(keys), at=(DAY0 + timedelta(hours=7 * i)).isoformat(),
         outcome=outcome, status=200 if outcome in BILLABLE_OUTCOMES else 429 if refused else 502,
-        model=rng.choice(["m-small", "m-large"]), stream=rng.random() < 0.5,
+        model=fields.pop("model", None) or rng.choice(["m-small", "m-large"]), stream=rng.random() < 0.5,
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
         latency_us=rng.randint(1000, 90_000), cache=cache,
         cache_layer=rng.choice(["memory", "redis", None]) if cache != "none" else None,
         tokens_saved=prompt + completion if cache == "hit" else 0,
-        upstream="primary" if not refused else None, error="boom" if outcome.startswith(("up", "br")) else None,
+        upstream=fields.pop("upstream", None) or ("primary" if not refused else None), error="boom" if outcome.startswith(("up", "br")) else None,
         plan_id="plan-1", assignment_id="asg-1",
-        refusal_rule="rpm:10" if refused else None, refusal_counts={"rpm": 11} if refused else None)
+        refusal_rule="rpm:10" if refused else None, refusal_counts={"rpm": 11} if refused else None,
+        **fields)
 
 
 def daily_oracle(entries: list[LedgerEntry]) -> dict[tuple, dict[str, int]]:
@@ -145,6 +147,26 @@ def test_views_project_every_request_exactly(env: Env) -> None:
     counted = Counter(e.cache for e in entries)
     assert tuple(int(v) for v in cache) == (len(entries) - counted["none"], counted["hit"], counted["miss"],
                                             counted["bypass"], counted["refresh"])
+
+
+def test_a_model_name_with_a_nul_character_does_not_stop_the_views(env: Env) -> None:
+    """FILA once took any model name; PostgreSQL text takes no NUL, so such an event stored then
+    must not fail its page for ever: the views show U+FFFD in its place (a page of 7, both sides
+    of it projected too)."""
+    rng = random.Random(5)
+    entries = [make_entry(rng, i) for i in range(20)]
+    entries[9] = make_entry(rng, 9, outcome="ok", model="gpt-4.1-nano\x00evil",
+                            upstream="primary/gpt-4.1-nano\x00evil")
+    env.save(*entries)
+
+    assert env.projector.catch_up() == 20
+    log = {r["entry_id"]: r for r in usage.usage_log(env.db, limit=100)["data"]}
+    assert len(log) == 20
+    assert log[str(entries[9].id)]["model"] == "gpt-4.1-nano\ufffdevil"
+    assert env.db.read("SELECT upstream FROM token_usage_log WHERE model = ?",
+                       ["gpt-4.1-nano\ufffdevil"]) == [("primary/gpt-4.1-nano\ufffdevil",)]
+    expected = daily_oracle(entries)
+    assert daily_rows(env.db) == {(k[0], k[1], k[2].replace("\x00", "\ufffd")): v for k, v in expected.items()}
 
 
 def test_status_lag_and_wait_for(env: Env) -> None:
