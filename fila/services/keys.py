@@ -36,13 +36,10 @@ class KeyService:
         await self.batcher.run(self.registry.catch_up)
 
     async def create(self, name: str, owner: str | None = None) -> tuple[KeyRecord, str]:
-        name = name.strip()
-        if not name:
-            raise InvalidRequest("'name' must not be empty", param="name")
-        if len(name) > 200:
-            raise InvalidRequest("'name' must be at most 200 characters", param="name")
+        name = _label(name, "name")
+        owner = name if owner is None or not owner.strip() else _label(owner, "owner")
         secret = new_secret()
-        key = ApiKey.issue(uuid4(), name, (owner or name).strip(), secret, self.clock())
+        key = ApiKey.issue(uuid4(), name, owner, secret, self.clock())
         await self.batcher.commit(key)
         await self.refresh()
         return self.registry.keys[str(key.id)], secret
@@ -74,3 +71,14 @@ class KeyService:
         secret = new_secret()
         record = await self._change(key_id, lambda key: key.rotate(secret, self.clock()))
         return record, secret
+
+
+def _label(value: str, field: str) -> str:
+    """A key's name or owner: 1-200 printable characters (shown in lists, logs and reports)."""
+    value = value.strip()
+    if not value:
+        raise InvalidRequest(f"'{field}' must not be empty", param=field)
+    if len(value) > 200 or not value.isprintable():
+        raise InvalidRequest(f"'{field}' must be at most 200 printable characters (no control characters)",
+                             param=field)
+    return value

@@ -392,6 +392,21 @@ def test_an_unknown_field_in_a_key_body_is_a_400_naming_it(admin: httpx.Client) 
     refused(admin.post("/admin/api-keys", json={"name": "k", "plann": "free"}), 400, "plann")
 
 
+@pytest.mark.parametrize("body, field", [
+    ({"name": "a\x00b"}, "name"), ({"name": "line\nbreak"}, "name"), ({"name": "n" * 201}, "name"),
+    ({"name": "   "}, "name"), ({"name": "ok", "owner": "o\x07"}, "owner"), ({"name": "ok", "owner": "o" * 201}, "owner"),
+])
+def test_a_key_name_or_owner_must_be_printable_and_at_most_200_characters(admin: httpx.Client, body: dict,
+                                                                          field: str) -> None:
+    refused(admin.post("/admin/api-keys", json=body), 400, field)
+
+
+def test_a_key_owner_left_blank_is_its_name(admin: httpx.Client) -> None:
+    created = admin.post("/admin/api-keys", json={"name": "  billing-service ", "owner": "  "})
+    assert created.status_code == 201, created.text
+    assert (created.json()["name"], created.json()["owner"]) == ("billing-service", "billing-service")
+
+
 def test_json_nested_too_deeply_is_a_400_on_every_admin_body(admin: httpx.Client) -> None:
     """A plan's terms take any JSON; one nested past the decoder's depth was a 500."""
     plan = new_plan(admin)
