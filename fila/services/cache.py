@@ -22,7 +22,8 @@ another's response, history or context, whatever the prompts:
   (24 h) from last use; truncation: see ``fila.domain.context.truncate_history``. Concurrent
   requests on one conversation each append their own turn (atomically), in finishing order.
 * **Base context.** Event-sourced (``fila.domain.context``), held in memory by every process
-  (the Registry feeds ``CacheBook``), prepended before the history. Losing Redis loses nothing.
+  (the Registry feeds ``fila.projections.cachebook``), prepended before the history. Losing
+  Redis loses nothing.
 
 Per request: ``Cache-Control: no-cache`` or ``x-fila-cache: refresh`` skips the lookup, calls
 the upstream and overwrites; ``no-store`` or ``x-fila-cache: bypass`` neither reads nor writes.
@@ -62,7 +63,6 @@ import asyncio
 import hashlib
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -78,11 +78,11 @@ from fila.domain import context as domain
 from fila.domain.context import BaseContext, CacheAction
 from fila.domain.errors import Conflict, InvalidRequest, NotFound
 from fila.domain.plans import DEFAULT_CACHE_TTLS
-from fila.domain.time import iso, parse_iso
+from fila.domain.time import iso
 from fila.projections import usage
-from fila.services.ids import new_uuid
+from fila.projections.cachebook import CacheBook, history_memory_key
 from fila.services.chat import ParsedRequest
-from fila.services.ids import new_request_id
+from fila.services.ids import new_request_id, new_uuid
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -139,75 +139,6 @@ class Lookup:
         if self.key is not None:
             headers[KEY_HEADER] = self.key
         return headers
-
-
-@dataclass(slots=True)
-class ContextRecord:
-    api_key_id: str
-    system: str | None
-    reference: str | None
-    set_at: str
-    set_at_s: float
-    messages: list
-    version: int
-
-    def to_public(self, ttl_s: int) -> dict[str, Any]:
-        expires = datetime.fromtimestamp(self.set_at_s + ttl_s, UTC)
-        return {"object": "fila.context", "system": self.system, "reference": self.reference,
-                "set_at": self.set_at, "expires_at": iso(expires)}
-
-
-class CacheBook:
-    """What every process must know of the cache's control events: base contexts and purges.
-
-    Fed by the Registry (on its reader thread): handlers only assign dict items and queue
-    evictions, which the event loop applies before its next lookup.
-    """
-
-    def __init__(self) -> None:
-        self.contexts: dict[str, ContextRecord] = {}
-        self.context_owner: dict[str, str] = {}        # context aggregate id -> api key id
-        self.context_version: dict[str, int] = {}      # api key id -> aggregate version
-        self.generations: dict[str, int] = {}          # api key id -> purges so far
-        self.pending: deque[tuple[str, str]] = deque()  # ("key" | "prefix", what) evictions
-
-    def attach(self, registry: Any) -> CacheBook:
-        registry.register("fila:BaseContext.Defined", self._context_set)
-        registry.register("fila:BaseContext.Replaced", self._context_set)
-        registry.register("fila:BaseContext.Cleared", self._context_cleared)
-        registry.register(domain.PURGED_TOPIC, self._purged)
-        registry.register(domain.ENTRY_DELETED_TOPIC, self._entry_deleted)
-        registry.register(domain.CONVERSATION_DELETED_TOPIC, self._conversation_deleted)
-        return self
-
-    def _context_set(self, context_id: str, state: dict[str, Any], version: int) -> None:
-        api_key_id = state.get("api_key_id") or self.context_owner[context_id]
-        self.context_owner[context_id] = api_key_id
-        self.context_version[api_key_id] = version
-        self.contexts[api_key_id] = ContextRecord(
-            api_key_id=api_key_id, system=state["system"], reference=state["reference"], set_at=state["at"],
-            set_at_s=parse_iso(state["at"]).timestamp(),
-            messages=domain.context_messages(state["system"], state["reference"]), version=version)
-
-    def _context_cleared(self, context_id: str, state: dict[str, Any], version: int) -> None:
-        api_key_id = self.context_owner[context_id]
-        self.context_version[api_key_id] = version
-        self.contexts.pop(api_key_id, None)
-
-    def _purged(self, action_id: str, state: dict[str, Any], version: int) -> None:
-        ns = state["api_key_id"]
-        self.generations[ns] = self.generations.get(ns, 0) + 1
-        self.pending.append(("prefix", f"{ns}."))
-
-    def _entry_deleted(self, action_id: str, state: dict[str, Any], version: int) -> None:
-        self.pending.append(("key", state["cache_key"]))
-
-    def _conversation_deleted(self, action_id: str, state: dict[str, Any], version: int) -> None:
-        self.pending.append(("key", history_memory_key(state["api_key_id"], state["conversation_id"])))
-
-
-def history_memory_key(ns: str, conversation_id: str) -> str:
-    return f"h:{ns}:{conversation_id}"
 
 
 def cacheable_answer(data: dict[str, Any]) -> bool:
