@@ -31,11 +31,10 @@ import httpx  # noqa: E402
 import redis  # noqa: E402
 
 from bench.bench_cache import ADMIN, BASELINE_KEY_ENV, BODY, REDIS_URL  # noqa: E402
+from bench.bench_gateway import BYPASS  # noqa: E402
 from bench.common import (create_key, drop_database, fake_upstream, fila_server, free_port, fresh_database,  # noqa: E402
                           machine, paced, uvicorn_app)
 from bench.floor import BODY_ENV, DATABASE_ENV, UPSTREAM_ENV  # noqa: E402
-
-BYPASS = {"x-fila-cache": "bypass"}
 
 
 def median(values: list[float]) -> float:
@@ -78,27 +77,26 @@ def main() -> int:
             def at(name: str) -> str:
                 return f"http://127.0.0.1:{ports[name]}/v1/chat/completions"
 
-            turns = {
-                "baseline: Litestar + one Redis GET": (at("redis_get"), "x", None),
-                "floor: Litestar + one durable INSERT": (at("floor"), "x", None),
-                "FILA cache hit": (f"{base}/v1/chat/completions", key, None),
-                "baseline: fake upstream direct": (f"{upstream}/chat/completions", "x", None),
-                "floor: + the upstream call first": (at("floor_call"), "x", None),
-                "FILA, upstream call (cache bypassed)": (f"{base}/v1/chat/completions", key, BYPASS),
+            turns = {   # name: (label, url, key, headers)
+                "get": ("baseline: Litestar + one Redis GET", at("redis_get"), "x", None),
+                "floor": ("floor: Litestar + one durable INSERT", at("floor"), "x", None),
+                "hit": ("FILA cache hit", f"{base}/v1/chat/completions", key, None),
+                "direct": ("baseline: fake upstream direct", f"{upstream}/chat/completions", "x", None),
+                "floor_call": ("floor: + the upstream call first", at("floor_call"), "x", None),
+                "miss": ("FILA, upstream call (cache bypassed)", f"{base}/v1/chat/completions", key, BYPASS),
             }
-            p50s: dict[str, list[float]] = {label: [] for label in turns}
+            p50s: dict[str, list[float]] = {name: [] for name in turns}
             for _ in range(args.rounds):
-                for label, (url, secret, headers) in turns.items():
-                    p50s[label].append(paced(url, BODY, secret, seconds=args.seconds, headers=headers)["p50_ms"])
+                for name, (_, url, secret, headers) in turns.items():
+                    p50s[name].append(paced(url, BODY, secret, seconds=args.seconds, headers=headers)["p50_ms"])
         print(f"\none client at 50 req/s, {args.seconds} s a turn, {args.rounds} rounds; p50 in ms")
-        for label, values in p50s.items():
-            print(f"{label:<40} " + " ".join(f"{v:5.2f}" for v in values) + f"   median {median(values):5.2f}")
-        m = {label: median(values) for label, values in p50s.items()}
-        labels = list(m)
-        print(f"\ncache hit: FILA {m[labels[2]]:.2f} ms; over the floor {m[labels[2]] - m[labels[1]]:+.2f} ms, "
-              f"over the Redis GET baseline {m[labels[2]] - m[labels[0]]:+.2f} ms")
-        print(f"core path: FILA adds {m[labels[5]] - m[labels[3]]:+.2f} ms to the direct call; the floor adds "
-              f"{m[labels[4]] - m[labels[3]]:+.2f} ms (FILA over the floor {m[labels[5]] - m[labels[4]]:+.2f} ms)")
+        for name, values in p50s.items():
+            print(f"{turns[name][0]:<40} " + " ".join(f"{v:5.2f}" for v in values) + f"   median {median(values):5.2f}")
+        m = {name: median(values) for name, values in p50s.items()}
+        print(f"\ncache hit: FILA {m['hit']:.2f} ms; over the floor {m['hit'] - m['floor']:+.2f} ms, "
+              f"over the Redis GET baseline {m['hit'] - m['get']:+.2f} ms")
+        print(f"core path: FILA adds {m['miss'] - m['direct']:+.2f} ms to the direct call; the floor adds "
+              f"{m['floor_call'] - m['direct']:+.2f} ms (FILA over the floor {m['miss'] - m['floor_call']:+.2f} ms)")
     finally:
         drop_database(database)
         redis.Redis.from_url(REDIS_URL).delete(baseline_key)
