@@ -1,6 +1,6 @@
 """Light-load latency, interleaved: FILA and its baselines and floors take turns, round after round.
 
-    python bench/bench_light.py [--rounds 5] [--seconds 4] [--workers 2]
+    python bench/bench_light.py [--rounds 5] [--seconds 4] [--workers 2] [--variant NAME=VALUE]
 
 This VM's latency at light load drifts between minutes by more than the differences measured
 (the same bare handler: 0.44-0.83 ms p50 within one hour), so the light-load lines of
@@ -13,6 +13,9 @@ benches) visits each in turn for ``--seconds``, ``--rounds`` times:
               its in-process layer, recorded before the answer;
   core path:  the fake upstream called directly (the gateway bench's baseline); the floor with
               the same upstream call before its commit; FILA, cache bypassed, to that upstream.
+
+``--variant FILA_SETTING=value`` starts a second FILA with that setting changed (same database)
+and gives it its own two turns, for an A/B inside the same rounds.
 
 Prints each round's p50 and the medians, and FILA's figure over its floor and its baseline.
 """
@@ -46,11 +49,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=4, help="each server's turn in a round")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--variant", help="NAME=VALUE: a second FILA with this setting, taking turns too")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     database = fresh_database()
     baseline_key = f"bench:light:baseline:{uuid.uuid4().hex}"
-    ports = {name: free_port() for name in ("upstream", "fila", "redis_get", "floor", "floor_call")}
+    ports = {name: free_port() for name in ("upstream", "fila", "variant", "redis_get", "floor", "floor_call")}
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(fake_upstream(ports["upstream"]))
@@ -60,11 +64,17 @@ def main() -> int:
             stack.enter_context(fila_server(ports["fila"], env, workers=args.workers))
             base = f"http://127.0.0.1:{ports['fila']}"
             key = create_key(base, ADMIN, "enterprise")
+            variant = None
+            if args.variant:
+                name, _, value = args.variant.partition("=")
+                stack.enter_context(fila_server(ports["variant"], {**env, name: value}, workers=args.workers))
+                variant = f"http://127.0.0.1:{ports['variant']}"
             answer = None
             for _ in range(4 * args.workers):    # every worker holds the answer in memory
-                answer = httpx.post(f"{base}/v1/chat/completions", json=BODY, timeout=30,
-                                    headers={"authorization": f"Bearer {key}"})
-                answer.raise_for_status()
+                for server in filter(None, (base, variant)):
+                    answer = httpx.post(f"{server}/v1/chat/completions", json=BODY, timeout=30,
+                                        headers={"authorization": f"Bearer {key}"})
+                    answer.raise_for_status()
             redis.Redis.from_url(REDIS_URL).set(baseline_key, answer.content, ex=3600)
             stack.enter_context(uvicorn_app(ports["redis_get"], "bench.bench_cache:baseline_app",
                                             {BASELINE_KEY_ENV: baseline_key}, args.workers))
@@ -85,18 +95,25 @@ def main() -> int:
                 "floor_call": ("floor: + the upstream call first", at("floor_call"), "x", None),
                 "miss": ("FILA, upstream call (cache bypassed)", f"{base}/v1/chat/completions", key, BYPASS),
             }
+            if variant:
+                turns["hit_b"] = (f"FILA cache hit, {args.variant}", f"{variant}/v1/chat/completions", key, None)
+                turns["miss_b"] = (f"FILA upstream call, {args.variant}", f"{variant}/v1/chat/completions", key,
+                                   BYPASS)
             p50s: dict[str, list[float]] = {name: [] for name in turns}
             for _ in range(args.rounds):
                 for name, (_, url, secret, headers) in turns.items():
                     p50s[name].append(paced(url, BODY, secret, seconds=args.seconds, headers=headers)["p50_ms"])
         print(f"\none client at 50 req/s, {args.seconds} s a turn, {args.rounds} rounds; p50 in ms")
         for name, values in p50s.items():
-            print(f"{turns[name][0]:<40} " + " ".join(f"{v:5.2f}" for v in values) + f"   median {median(values):5.2f}")
+            print(f"{turns[name][0]:<44} " + " ".join(f"{v:5.2f}" for v in values) + f"   median {median(values):5.2f}")
         m = {name: median(values) for name, values in p50s.items()}
         print(f"\ncache hit: FILA {m['hit']:.2f} ms; over the floor {m['hit'] - m['floor']:+.2f} ms, "
               f"over the Redis GET baseline {m['hit'] - m['get']:+.2f} ms")
         print(f"core path: FILA adds {m['miss'] - m['direct']:+.2f} ms to the direct call; the floor adds "
               f"{m['floor_call'] - m['direct']:+.2f} ms (FILA over the floor {m['miss'] - m['floor_call']:+.2f} ms)")
+        if variant:
+            print(f"{args.variant}: cache hit {m['hit_b'] - m['hit']:+.2f} ms, "
+                  f"upstream call {m['miss_b'] - m['miss']:+.2f} ms (against FILA as configured)")
     finally:
         drop_database(database)
         redis.Redis.from_url(REDIS_URL).delete(baseline_key)

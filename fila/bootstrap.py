@@ -80,7 +80,7 @@ class Container:
         self.store = store
         self.process = f"{socket.gethostname()}:{os.getpid()}"
         self.batcher = Batcher(store, max_size=settings.batch_max_size,
-                               max_wait=settings.batch_max_wait_ms / 1000)
+                               max_wait=settings.batch_max_wait_ms / 1000, express=settings.batch_express)
         self.registry = Registry(store.recorder)
         self.plans = PlanBook().attach(self.registry)
         self.redis = redis_client(settings.redis_url) if settings.redis_url else None

@@ -36,6 +36,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_body_bytes: int = 1_048_576
     batch_max_size: int = 200
     batch_max_wait_ms: float = 2.0
+    batch_express: bool = True
     breaker_failure_threshold: int = 5
     breaker_error_rate: float = 0.5
     breaker_window_s: float = 30.0
@@ -170,6 +171,7 @@ ENVIRONMENT = {
     "FILA_MAX_BODY_BYTES": ("max_body_bytes", lambda n, r: _int(n, r, 1024)),
     "FILA_BATCH_MAX_SIZE": ("batch_max_size", lambda n, r: _int(n, r, 1)),
     "FILA_BATCH_MAX_WAIT_MS": ("batch_max_wait_ms", _float),
+    "FILA_BATCH_EXPRESS": ("batch_express", _bool),
     "FILA_BREAKER_FAILURE_THRESHOLD": ("breaker_failure_threshold", lambda n, r: _int(n, r, 1)),
     "FILA_BREAKER_ERROR_RATE": ("breaker_error_rate", _fraction),
     "FILA_BREAKER_WINDOW_S": ("breaker_window_s", lambda n, r: _float(n, r, 1.0)),

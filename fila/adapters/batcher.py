@@ -9,6 +9,15 @@ caller's future. If the batch fails, it is split in halves until the bad entries
 isolated: one bad entry fails only its own caller. This is the one seam where the async
 HTTP side meets the synchronous event store (reads go through ``run``, on the same thread
 pool's reader).
+
+The express lane: at light load a lone commit pays two thread wake-ups for nothing (the writer
+thread's, then the event loop's when the writer hands the result back), ~0.13-0.15 ms of a
+~2 ms request on this machine. So when the writer is idle (nothing queued, no save under way,
+its last batch held one request) and the store can write from asyncio (PostgreSQL), the caller's
+events are committed on the event loop's own connection instead, the same statement in one
+round trip. Concurrent requests keep going to the writer thread meanwhile; the table lock
+orders the two writers' commits. A lost connection there is retried on a reader thread through
+the store's own retry, which recognises a write that did land.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from eventsourcing.application import Application
-from eventsourcing.persistence import Recording
+from eventsourcing.persistence import InterfaceError, OperationalError, Recording
 
 T = TypeVar("T")
 _STOP = object()
@@ -34,15 +43,21 @@ class BatcherClosed(RuntimeError):
 
 class Batcher:
     def __init__(self, store: Application, *, max_size: int = 200, max_wait: float = 0.002,
-                 readers: int = 2) -> None:
+                 readers: int = 2, express: bool = True) -> None:
         self.store = store
         self.max_size = max_size
         self.max_wait = max_wait
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="fila-read")
+        self._express = express and bool(getattr(store, "records_async", False))
+        self._express_busy = False      # the express lane's one commit is under way
+        self._writer_busy = False       # the writer thread is saving
+        self._concurrent = False        # the writer's last batch held more than one request
+        self._counts = threading.Lock()
         self.batches = 0
         self.committed = 0
+        self.express_commits = 0
         self.last_notification_id = 0
 
     def start(self) -> None:
@@ -67,10 +82,33 @@ class Batcher:
                 events.extend(obj.collect_events())
             else:
                 events.append(obj)
+        if (self._express and not self._express_busy and not self._writer_busy and not self._concurrent
+                and self._queue.empty()):
+            return await self._commit_express(events)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.put((events, future, loop))
         return await future
+
+    async def _commit_express(self, events: list) -> list[Recording]:
+        self._express_busy = True
+        try:
+            recordings = await self.store.record_async(events)
+        except (InterfaceError, OperationalError):
+            # the connection went: the write may have landed; the store's retry tells
+            recordings = await self.run(_record_after_lost_connection, self.store, events)
+        finally:
+            self._express_busy = False
+        self._count(1, len(events), recordings)
+        self.express_commits += 1
+        return recordings
+
+    def _count(self, batches: int, events: int, recordings: list[Recording]) -> None:
+        with self._counts:    # the loop's express lane and the writer thread both count
+            self.batches += batches
+            self.committed += events
+            if recordings:
+                self.last_notification_id = max(self.last_notification_id, recordings[-1].notification.id)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a synchronous store read off the event loop."""
@@ -84,10 +122,14 @@ class Batcher:
             first = self._queue.get()
             if first is _STOP:
                 return
+            self._writer_busy = True
             batch = [first]
             stop = self._drain(batch, wait=self.max_wait if concurrent else 0.0)
-            concurrent = len(batch) > 1
-            self._save(batch)
+            concurrent = self._concurrent = len(batch) > 1
+            try:
+                self._save(batch)
+            finally:
+                self._writer_busy = False
             if stop:
                 return
 
@@ -121,10 +163,7 @@ class Batcher:
             self._save(batch[:middle])
             self._save(batch[middle:])
             return
-        self.batches += 1
-        self.committed += len(events)
-        if recordings:
-            self.last_notification_id = max(self.last_notification_id, recordings[-1].notification.id)
+        self._count(1, len(events), recordings)
         self._resolve(batch, recordings, None)
 
     @staticmethod
@@ -141,6 +180,10 @@ class Batcher:
                 loop.call_soon_threadsafe(_settle, items, error)
             except RuntimeError:  # the loop has closed: nobody is waiting any more
                 pass
+
+
+def _record_after_lost_connection(store: Any, events: list) -> list[Recording]:
+    return store.record(events, after_lost_connection=True)
 
 
 def _settle(items: list, error: BaseException | None) -> None:

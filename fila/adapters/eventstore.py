@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from eventsourcing.application import Application
-from eventsourcing.persistence import Recording
+from eventsourcing.persistence import Notification, Recording
 
 from fila.config import sqlite_path
 
@@ -29,13 +29,28 @@ class FilaStore(Application):
 
     name = "fila"
 
-    def record(self, events: Sequence[Any]) -> list[Recording]:
+    def record(self, events: Sequence[Any], **kwargs: Any) -> list[Recording]:
         """Store these domain events in one transaction: ``save`` for a caller that already holds
         events, not aggregates (the batcher). ``save`` first collects every object through a
         ``ProcessingEvent`` (a runtime protocol check per object) and looks for snapshots and
         followers to notify; FILA takes no snapshots and has no followers, so that was ~9 us
         per event of the batcher's time for nothing."""
-        return self.events.put(events)
+        return self.events.put(events, **kwargs)
+
+    @property
+    def records_async(self) -> bool:
+        """Whether ``record_async`` is there (PostgreSQL: the batcher's express lane)."""
+        return hasattr(self.recorder, "insert_events_async")
+
+    async def record_async(self, events: Sequence[Any]) -> list[Recording]:
+        """``record`` from the running event loop, one try (see ``OneTripRecorder.insert_events_async``)."""
+        if not events:
+            return []
+        stored = [self.mapper.to_stored_event(event) for event in events]
+        ids = await self.recorder.insert_events_async(stored)
+        return [Recording(event, Notification(originator_id=s.originator_id, originator_version=s.originator_version,
+                                              topic=s.topic, state=s.state, id=n))
+                for event, s, n in zip(events, stored, ids, strict=True)]
 
     def close(self) -> None:
         close_writer = getattr(self.recorder, "close_writer", None)

@@ -15,12 +15,17 @@ parameters, so values are written into the text: UUIDs and ints as themselves, s
 digits, other text quoted by libpq. Everything else (reads, subscriptions, table creation) is
 the library's.
 
+The batcher's express lane (a lone request at light load, committed from the event loop with
+no hand-off to the writer thread) sends the same statement on an asyncio connection of its own:
+``insert_events_async``.
+
 Selected with ``APPLICATION_RECORDER_TOPIC`` (see ``eventstore.store_env``); stays off the
 library's database functions (``POSTGRES_ENABLE_DB_FUNCTIONS``), as the brief requires.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Sequence
@@ -62,19 +67,24 @@ class OneTripRecorder(PostgresApplicationRecorder):
         self._tail = " RETURNING notification_id; COMMIT"
         self._writer: psycopg.Connection[Any] | None = None
         self._writer_lock = threading.Lock()
+        self._async_writer: psycopg.AsyncConnection[Any] | None = None
+        self._async_loop: asyncio.AbstractEventLoop | None = None
         self._literals: dict[Any, str] = {}
 
-    def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+    def insert_events(self, stored_events: Sequence[StoredEvent], *, after_lost_connection: bool = False,
+                      **kwargs: Any) -> Sequence[int] | None:
         """Write ``stored_events`` in one transaction; their notification ids, in order.
 
         A lost connection is retried, as the library does (up to ``ATTEMPTS`` times, ``RETRY_WAIT_S``
         apart). If the connection died after the server committed but before its reply arrived,
         the retry meets the events already there (a uniqueness violation): when every one of them
         is stored with the same topic and state, the write did happen, and their ids are returned
-        instead of an IntegrityError for a request that was in fact recorded."""
+        instead of an IntegrityError for a request that was in fact recorded.
+        ``after_lost_connection``: an earlier try (the express lane's) lost its connection, so
+        this one may meet its own events from the start."""
         if not stored_events:
             return None
-        lost = False
+        lost = after_lost_connection
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 return self._insert_once(stored_events)
@@ -120,18 +130,32 @@ class OneTripRecorder(PostgresApplicationRecorder):
                 query = self._statement(conn, stored_events)
                 with conn.cursor() as cursor:
                     cursor.execute(query)     # no parameters: psycopg sends it as one simple query
-                    while not (cursor.statusmessage or "").startswith("INSERT"):
-                        if not cursor.nextset():
-                            raise persistence.ProgrammingError("the INSERT's result is missing")
+                    _to_insert(cursor)
                     ids = [row[0] for row in cursor.fetchall()]
             except psycopg.Error as error:
                 self._abandon(conn)
                 raise _translate(error) from error
-        if len(ids) != len(stored_events):
-            raise persistence.ProgrammingError(f"got {len(ids)} notification ids for {len(stored_events)} events")
-        return ids
+        return _checked(ids, stored_events)
 
-    def _statement(self, conn: psycopg.Connection[Any], stored_events: Sequence[StoredEvent]) -> str:
+    async def insert_events_async(self, stored_events: Sequence[StoredEvent]) -> list[int]:
+        """Write ``stored_events`` in one transaction from the running event loop, once: the
+        same statement as ``insert_events`` on this loop's own connection. A lost connection is
+        raised (``InterfaceError`` / ``OperationalError``), for the caller to retry with
+        ``insert_events(..., after_lost_connection=True)``. One caller at a time (the batcher's
+        express lane is one lane)."""
+        conn = await self._async_connection()
+        try:
+            query = self._statement(conn, stored_events)
+            async with conn.cursor() as cursor:
+                await cursor.execute(query)
+                _to_insert(cursor)
+                ids = [row[0] for row in await cursor.fetchall()]
+        except psycopg.Error as error:
+            await self._abandon_async(conn)
+            raise _translate(error) from error
+        return _checked(ids, stored_events)
+
+    def _statement(self, conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], stored_events: Sequence[StoredEvent]) -> str:
         """The whole transaction as text. A UUID and an int print as themselves, the state goes as
         hex digits through ``decode``; any other text is quoted by libpq (``PQescapeLiteral``)."""
         quote = self._quote
@@ -140,7 +164,7 @@ class OneTripRecorder(PostgresApplicationRecorder):
             f"decode('{event.state.hex()}','hex'))" for event in stored_events])
         return self._head + rows + self._tail
 
-    def _quote(self, conn: psycopg.Connection[Any], value: Any) -> str:
+    def _quote(self, conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], value: Any) -> str:
         if isinstance(value, UUID):
             return f"'{value}'"
         literal = self._literals.get(value)
@@ -162,6 +186,31 @@ class OneTripRecorder(PostgresApplicationRecorder):
             self._writer = conn
         return conn
 
+    async def _async_connection(self) -> psycopg.AsyncConnection[Any]:
+        loop = asyncio.get_running_loop()
+        conn = self._async_writer
+        if conn is not None and (self._async_loop is not loop or conn.closed or conn.broken):
+            conn.pgconn.finish()      # a connection of a loop that has gone (tests run many loops)
+            conn = self._async_writer = None
+        if conn is None:
+            pool = self.datastore.pool
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    pool.conninfo, **{**pool.kwargs, "row_factory": psycopg.rows.tuple_row, "autocommit": True})
+                await conn.execute(SQL("SET idle_in_transaction_session_timeout = '{0}ms'").format(
+                    int(self.datastore.idle_in_transaction_session_timeout * 1000)))
+            except psycopg.Error as error:
+                raise _translate(error) from error
+            self._async_writer, self._async_loop = conn, loop
+        return conn
+
+    async def _abandon_async(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        try:
+            if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                await conn.execute("ROLLBACK")
+        except psycopg.Error:
+            await conn.close()
+
     def _abandon(self, conn: psycopg.Connection[Any]) -> None:
         """After a failed write: roll the transaction back, or drop a connection that cannot."""
         try:
@@ -175,3 +224,19 @@ class OneTripRecorder(PostgresApplicationRecorder):
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
+        if self._async_writer is not None:   # its loop may be gone: libpq's own close needs none
+            self._async_writer.pgconn.finish()
+            self._async_writer = None
+
+
+def _to_insert(cursor: Any) -> None:
+    """Move a cursor over the transaction's results to the INSERT's (the one with the ids)."""
+    while not (cursor.statusmessage or "").startswith("INSERT"):
+        if not cursor.nextset():
+            raise persistence.ProgrammingError("the INSERT's result is missing")
+
+
+def _checked(ids: list[int], stored_events: Sequence[StoredEvent]) -> list[int]:
+    if len(ids) != len(stored_events):
+        raise persistence.ProgrammingError(f"got {len(ids)} notification ids for {len(stored_events)} events")
+    return ids
