@@ -22,6 +22,8 @@ from litestar import Litestar, Request, Response, post
 DATABASE_ENV = "FILA_FLOOR_DATABASE_URL"
 UPSTREAM_ENV = "FILA_FLOOR_UPSTREAM"
 BODY_ENV = "FILA_FLOOR_BODY"
+# as FILA sends it: without a key the upstream refuses at once (401), which is less work than a reply
+UPSTREAM_HEADERS = {"content-type": "application/json", "authorization": "Bearer floor"}
 
 
 def floor_app() -> Litestar:
@@ -52,8 +54,10 @@ def floor_app() -> Litestar:
         body = await request.body()
         reply = answer
         if upstream:
-            async with state["http"].post(upstream, data=body, headers={"content-type": "application/json"}) as raw:
+            async with state["http"].post(upstream, data=body, headers=UPSTREAM_HEADERS) as raw:
                 reply = await raw.read()
+                if raw.status != 200:     # a floor that skipped the upstream's work would be no floor
+                    raise RuntimeError(f"the upstream answered {raw.status}")
         await state["db"].execute("INSERT INTO fila_floor (body) VALUES (%s)", (body,))
         return Response(reply, media_type="application/json")
 
