@@ -153,6 +153,12 @@ class OneTripRecorder(PostgresApplicationRecorder):
         except psycopg.Error as error:
             await self._abandon_async(conn)
             raise _translate(error) from error
+        except BaseException:
+            # cancelled (the request went away): psycopg has asked the server to cancel, and the
+            # connection is mid-transaction in a state nobody will finish. Drop it; the next
+            # commit opens another (the server rolls back whatever had not committed).
+            self._drop_async(conn)
+            raise
         return _checked(ids, stored_events)
 
     def _statement(self, conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], stored_events: Sequence[StoredEvent]) -> str:
@@ -189,9 +195,10 @@ class OneTripRecorder(PostgresApplicationRecorder):
     async def _async_connection(self) -> psycopg.AsyncConnection[Any]:
         loop = asyncio.get_running_loop()
         conn = self._async_writer
-        if conn is not None and (self._async_loop is not loop or conn.closed or conn.broken):
-            conn.pgconn.finish()      # a connection of a loop that has gone (tests run many loops)
-            conn = self._async_writer = None
+        if conn is not None and (self._async_loop is not loop or conn.closed or conn.broken
+                                 or conn.info.transaction_status != TransactionStatus.IDLE):
+            self._drop_async(conn)    # of a loop that has gone (tests run many loops), or left mid-way
+            conn = None
         if conn is None:
             pool = self.datastore.pool
             try:
@@ -203,6 +210,11 @@ class OneTripRecorder(PostgresApplicationRecorder):
                 raise _translate(error) from error
             self._async_writer, self._async_loop = conn, loop
         return conn
+
+    def _drop_async(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        conn.pgconn.finish()          # libpq's own close: needs no event loop
+        if self._async_writer is conn:
+            self._async_writer = None
 
     async def _abandon_async(self, conn: psycopg.AsyncConnection[Any]) -> None:
         try:
@@ -224,9 +236,8 @@ class OneTripRecorder(PostgresApplicationRecorder):
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
-        if self._async_writer is not None:   # its loop may be gone: libpq's own close needs none
-            self._async_writer.pgconn.finish()
-            self._async_writer = None
+        if self._async_writer is not None:   # its loop may be gone
+            self._drop_async(self._async_writer)
 
 
 def _to_insert(cursor: Any) -> None:

@@ -157,3 +157,27 @@ async def test_while_the_writer_is_saving_a_new_commit_queues_for_it(store):
 async def test_an_aggregate_with_nothing_new_commits_nothing(store, batcher):
     assert await batcher.commit() == []
     assert batcher.committed == 0 and recorded(store) == []
+
+
+async def test_a_caller_cancelled_mid_commit_leaves_the_lane_working(store, batcher):
+    """A request cancelled while its commit waits (here on the table lock, held elsewhere): the
+    commit may still land (the caller is gone either way), and the next commit must go through."""
+    await batcher.commit(entry("k"))
+    holder = await psycopg.AsyncConnection.connect(new_pg_url().split("?")[0], autocommit=True)
+    schema, table = store.recorder.datastore.schema, store.recorder.events_table_name
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute(f'LOCK TABLE "{schema}"."{table}" IN EXCLUSIVE MODE')
+        stuck = asyncio.ensure_future(batcher.commit(entry("k")))
+        await asyncio.sleep(0.2)
+        assert not stuck.done()
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+        await holder.execute("COMMIT")
+    finally:
+        await holder.close()
+    e = entry("k")
+    recordings = await asyncio.wait_for(batcher.commit(e), timeout=10)
+    assert store.repository.get(e.id).version == 1 and len(recordings) == 1
+    assert 2 <= len(recorded(store)) <= 3
