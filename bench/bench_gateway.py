@@ -105,9 +105,10 @@ def main() -> int:
                 lights: dict[str, list[dict]] = {label: [] for label in keys}
                 lags: list[int] = []
                 # the two plans take turns, round after round: this VM's speed drifts between
-                # runs by more than the difference measured
-                for _ in range(args.rounds):
-                    for label, key in keys.items():
+                # runs by more than the difference measured. Which goes first alternates
+                # (A B, B A, ...): the VM often slows over a run, which would always cost the second
+                for number in range(args.rounds):
+                    for label, key in (list(keys.items()) if number % 2 == 0 else list(keys.items())[::-1]):
                         before, started = count_events(database), time.perf_counter()
                         stop = threading.Event()
                         watcher = threading.Thread(target=watch_lag, args=(database, stop, lags))
@@ -121,8 +122,8 @@ def main() -> int:
                             watcher.join()
                         load["events_per_s"] = (count_events(database) - before) / elapsed
                         loads[label].append(load)
-                for _ in range(args.rounds):
-                    for label, key in keys.items():
+                for number in range(args.rounds):
+                    for label, key in (list(keys.items()) if number % 2 == 0 else list(keys.items())[::-1]):
                         lights[label].append(paced(url, BODY, key, headers=BYPASS, seconds=args.light_seconds))
                 rss = tree_peak_rss_mb(server.pid)
                 if args.with_projector:
@@ -149,6 +150,9 @@ def main() -> int:
         (off_load, off_light), (on_load, on_light) = results.values()
         print(f"\nrate limiting + plan lookup: p50 {on_light['p50_ms'] - off_light['p50_ms']:+.3f} ms at light load, "
               f"throughput {100 * (on_load['rps'] / off_load['rps'] - 1):+.1f} % under load (medians)")
+        pairs = [100 * (on['rps'] / off['rps'] - 1) for off, on in zip(*(loads[label] for label in keys))]
+        print("  throughput, rate limits on against off, round by round: "
+              + ", ".join(f"{pair:+.1f} %" for pair in pairs) + " (rounds alternate which plan goes first)")
         print(f"FILA server peak RSS ({args.workers} workers + supervisor): {rss:.0f} MB")
         if args.with_projector:
             print(f"projector (fila projections run, its own process, all views): lag sampled each second "
