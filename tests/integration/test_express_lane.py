@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from uuid import uuid4
 
 import psycopg
@@ -27,16 +27,6 @@ def store() -> Iterator[FilaStore]:
     opened = open_store(new_pg_url())
     yield opened
     opened.close()
-
-
-@pytest.fixture
-async def batcher(store: FilaStore) -> AsyncIterator[Batcher]:
-    b = Batcher(store, max_size=200, max_wait=0.002)
-    b.start()
-    try:
-        yield b
-    finally:
-        await asyncio.to_thread(b.close)
 
 
 async def test_the_async_write_stores_the_same_rows_as_the_threaded_one(store: FilaStore) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import uuid4
@@ -54,16 +54,6 @@ def store(database_url: str) -> Iterator[FilaStore]:
     opened = open_store(database_url)
     yield opened
     opened.close()
-
-
-@pytest.fixture
-async def batcher(store: FilaStore) -> AsyncIterator[Batcher]:
-    b = Batcher(store, max_size=200, max_wait=0.002)
-    b.start()
-    try:
-        yield b
-    finally:
-        await asyncio.to_thread(b.close)
 
 
 # -- the store ----------------------------------------------------------------------------------
