@@ -217,11 +217,12 @@ class OneTripRecorder(PostgresApplicationRecorder):
             self._async_writer = None
 
     async def _abandon_async(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """``_abandon`` for the express lane's connection."""
         try:
             if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
                 await conn.execute("ROLLBACK")
         except psycopg.Error:
-            await conn.close()
+            self._drop_async(conn)
 
     def _abandon(self, conn: psycopg.Connection[Any]) -> None:
         """After a failed write: roll the transaction back, or drop a connection that cannot."""
