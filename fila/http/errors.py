@@ -37,13 +37,20 @@ def error_response(request: Request, status: int, message: str, *, type_: str | 
     else:
         body = {"error": {"message": message, "type": type_ or _TYPES.get(status, "invalid_request_error"),
                           "param": param, "code": code}}
-    return Response(_encode(body), status_code=status, media_type="application/json", headers=headers)
+    return Response(_encode(body), status_code=status, media_type="application/json",
+                    headers=_with_request_id(request, headers))
+
+
+def _with_request_id(request: Request, headers: dict[str, str] | None) -> dict[str, str] | None:
+    """The id the chat handler gave the request (and logged), so an error can be found in the log."""
+    request_id = request.state.get("request_id")
+    return headers if request_id is None else {**(headers or {}), "x-request-id": request_id}
 
 
 def fila_error(request: Request, error: FilaError) -> Response:
     if isinstance(error, UpstreamClientError):
         return Response(error.body or b"{}", status_code=error.status, media_type="application/json",
-                        headers=error.headers)
+                        headers=_with_request_id(request, error.headers))
     headers: dict[str, str] = {}
     if isinstance(error, (RateLimited, UpstreamUnavailable)):
         headers["retry-after"] = str(max(1, math.ceil(error.retry_after)))

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Any
 
 import msgspec
 import structlog
 from litestar import Request, Response, get, post
+from litestar.background_tasks import BackgroundTask
+from litestar.exceptions import HTTPException
 from litestar.response import Stream
 from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp
@@ -15,9 +19,10 @@ from fila.domain.errors import FilaError, InvalidRequest
 from fila.http.auth import client_key
 from fila.services.chat import parse_chat_request
 from fila.services.ids import new_request_id
-from fila.services.gateway import RequestContext, log_summary
+from fila.services.gateway import RequestContext, log_summary, log_unauthenticated
 
 _encode = msgspec.json.Encoder().encode
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _CACHE_DIRECTIVES = {"refresh": "refresh", "bypass": "bypass", "no-cache": "refresh", "no-store": "bypass"}
 
 
@@ -54,32 +59,47 @@ def _idempotency_key(request: Request) -> str | None:
 
 @post("/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
 async def chat_completions(request: Request) -> ASGIApp:
+    started = time.perf_counter()
     container = _container(request)
-    request_id = request.headers.get("x-request-id") or new_request_id()
-    key = await client_key(request, container)
-    ctx = RequestContext(key=key, request_id=request_id, idempotency_key=_idempotency_key(request),
-                         cache_directive=cache_directive(request))
-    structlog.contextvars.bind_contextvars(request_id=request_id, api_key_id=key.id)
-    status, streaming = 200, False
+    request_id = request.headers.get("x-request-id")
+    if not request_id or not _REQUEST_ID.fullmatch(request_id):   # the client's own, if it is a sane one
+        request_id = new_request_id()
+    request.state.request_id = request_id     # for the error mapper: a refusal carries it too
     try:
+        key = await client_key(request, container)
+    except FilaError as error:
+        log_unauthenticated(request_id, error.status, started, error.code)
+        raise
+    ctx = RequestContext(key=key, request_id=request_id, started=started)
+    structlog.contextvars.bind_contextvars(request_id=request_id, api_key_id=key.id)
+    status, logs_itself = 200, False
+    try:
+        ctx.idempotency_key, ctx.cache_directive = _idempotency_key(request), cache_directive(request)
         parsed = parse_chat_request(await request.body(), container.settings.default_model)
         if parsed.request.stream:
             reply = await container.gateway.stream(ctx, parsed)
             headers = dict(reply.headers, **{"x-request-id": request_id, "cache-control": "no-cache"})
-            streaming = True   # the stream logs its own summary line when it ends
+            logs_itself = True   # the stream logs its own summary line when it ends
             return Stream(reply.frames, media_type="text/event-stream", headers=headers)
         reply = await container.gateway.complete(ctx, parsed)
         reply.headers["x-request-id"] = request_id
         status = reply.status
+        logs_itself = True   # the summary line is written once the answer is sent, not before
         # the ready ASGI response: Litestar's Response would only be turned into this, ~7 us later
         return ASGIResponse(body=reply.body, status_code=reply.status, media_type="application/json",
-                            headers=reply.headers)
+                            headers=reply.headers, background=BackgroundTask(log_summary, ctx, status))
     except FilaError as error:
         status = error.status
         ctx.outcome = ctx.outcome or type(error).__name__
         raise
+    except HTTPException as error:   # the framework's (e.g. a body over the size limit: 413)
+        status, ctx.outcome = error.status_code, ctx.outcome or type(error).__name__
+        raise
+    except Exception as error:       # answered 500 by the error mapper; the line says so too
+        status, ctx.outcome = 500, ctx.outcome or type(error).__name__
+        raise
     finally:
-        if not streaming:
+        if not logs_itself:
             log_summary(ctx, status)
         structlog.contextvars.clear_contextvars()
 

@@ -104,6 +104,13 @@ def log_summary(ctx: RequestContext, status: int) -> None:
              latency_ms=round((time.perf_counter() - ctx.started) * 1000, 2), entry_id=ctx.entry_id)
 
 
+def log_unauthenticated(request_id: str, status: int, started: float, code: str | None) -> None:
+    """The summary line of a request refused before it had a key (401): no key id, no ledger entry."""
+    log.info("request", request_id=request_id, api_key_id=None, model=None, outcome=code or "unauthenticated",
+             status=status, tokens=0, cache="none", latency_ms=round((time.perf_counter() - started) * 1000, 2),
+             entry_id=None)
+
+
 class Gateway:
     def __init__(self, *, batcher: Any, router: Router, admission: Any = None,
                  cache: CacheService | None = None) -> None:
