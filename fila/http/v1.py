@@ -72,7 +72,7 @@ async def chat_completions(request: Request) -> ASGIApp:
         raise
     ctx = RequestContext(key=key, request_id=request_id, started=started)
     structlog.contextvars.bind_contextvars(request_id=request_id, api_key_id=key.id)
-    status, logs_itself = 200, False
+    status, logs_itself = 500, False   # until answered: anything unforeseen is the mapper's 500
     try:
         ctx.idempotency_key, ctx.cache_directive = _idempotency_key(request), cache_directive(request)
         parsed = parse_chat_request(await request.body(), container.settings.default_model)
@@ -95,11 +95,9 @@ async def chat_completions(request: Request) -> ASGIApp:
     except HTTPException as error:   # the framework's (e.g. a body over the size limit: 413)
         status, ctx.outcome = error.status_code, ctx.outcome or type(error).__name__
         raise
-    except Exception as error:       # answered 500 by the error mapper; the line says so too
-        status, ctx.outcome = 500, ctx.outcome or type(error).__name__
-        raise
     finally:
         if not logs_itself:
+            ctx.outcome = ctx.outcome or "internal_error"
             log_summary(ctx, status)
         structlog.contextvars.clear_contextvars()
 

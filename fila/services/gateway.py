@@ -99,16 +99,21 @@ def _retrieved(future: asyncio.Future) -> None:
 
 
 def log_summary(ctx: RequestContext, status: int) -> None:
-    log.info("request", request_id=ctx.request_id, api_key_id=ctx.key.id, model=ctx.model,
-             outcome=ctx.outcome, status=status, tokens=ctx.tokens, cache=ctx.cache,
-             latency_ms=round((time.perf_counter() - ctx.started) * 1000, 2), entry_id=ctx.entry_id)
+    _log_request(ctx.request_id, ctx.key.id, status, ctx.started, model=ctx.model, outcome=ctx.outcome,
+                 tokens=ctx.tokens, cache=ctx.cache, entry_id=ctx.entry_id)
 
 
 def log_unauthenticated(request_id: str, status: int, started: float, code: str | None) -> None:
     """The summary line of a request refused before it had a key (401): no key id, no ledger entry."""
-    log.info("request", request_id=request_id, api_key_id=None, model=None, outcome=code or "unauthenticated",
-             status=status, tokens=0, cache="none", latency_ms=round((time.perf_counter() - started) * 1000, 2),
-             entry_id=None)
+    _log_request(request_id, None, status, started, outcome=code or "unauthenticated")
+
+
+def _log_request(request_id: str, api_key_id: str | None, status: int, started: float, *, model: str | None = None,
+                 outcome: str | None = None, tokens: int = 0, cache: str = "none", entry_id: str | None = None) -> None:
+    """The one summary line per request (never a secret or a prompt)."""
+    log.info("request", request_id=request_id, api_key_id=api_key_id, model=model, outcome=outcome, status=status,
+             tokens=tokens, cache=cache, latency_ms=round((time.perf_counter() - started) * 1000, 2),
+             entry_id=entry_id)
 
 
 class Gateway:
