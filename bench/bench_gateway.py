@@ -48,6 +48,12 @@ def limited_plan(base: str) -> None:
         raise RuntimeError(response.text)
 
 
+def in_turn(keys: dict[str, str], number: int) -> list[tuple[str, str]]:
+    """The plans in round ``number``'s order: as given, then reversed, and so on."""
+    items = list(keys.items())
+    return items if number % 2 == 0 else items[::-1]
+
+
 def median_run(runs: list[dict], by: str) -> dict:
     """The run whose ``by`` is the median of the rounds (the lower middle one for an even count)."""
     return sorted(runs, key=lambda run: run[by])[(len(runs) - 1) // 2]
@@ -108,7 +114,7 @@ def main() -> int:
                 # runs by more than the difference measured. Which goes first alternates
                 # (A B, B A, ...): the VM often slows over a run, which would always cost the second
                 for number in range(args.rounds):
-                    for label, key in (list(keys.items()) if number % 2 == 0 else list(keys.items())[::-1]):
+                    for label, key in in_turn(keys, number):
                         before, started = count_events(database), time.perf_counter()
                         stop = threading.Event()
                         watcher = threading.Thread(target=watch_lag, args=(database, stop, lags))
@@ -123,7 +129,7 @@ def main() -> int:
                         load["events_per_s"] = (count_events(database) - before) / elapsed
                         loads[label].append(load)
                 for number in range(args.rounds):
-                    for label, key in (list(keys.items()) if number % 2 == 0 else list(keys.items())[::-1]):
+                    for label, key in in_turn(keys, number):
                         lights[label].append(paced(url, BODY, key, headers=BYPASS, seconds=args.light_seconds))
                 rss = tree_peak_rss_mb(server.pid)
                 if args.with_projector:

@@ -118,15 +118,14 @@ class Batcher:
     # -- writer thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        concurrent = False
         while True:
             first = self._queue.get()
             if first is _STOP:
                 return
             self._writer_busy = True
             batch = [first]
-            stop = self._drain(batch, wait=self.max_wait if concurrent else 0.0)
-            concurrent = self._concurrent = len(batch) > 1
+            stop = self._drain(batch, wait=self.max_wait if self._concurrent else 0.0)
+            self._concurrent = len(batch) > 1
             try:
                 self._save(batch)
             finally:
